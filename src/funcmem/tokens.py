@@ -1,0 +1,104 @@
+"""Rank-anchored 2D tokenization of LoRA factors (the HY-WU format's token cut).
+
+Per base-model layer, the parameter list is every slot's A, then every slot's B, in slot order.
+Each parameter is flattened row-major, zero-padded at the end to a multiple of r*T and cut into
+tokens of shape (r, T). A slot's token count is set by its largest instance over all layers, so
+layers whose slot is smaller (or missing) are padded: every layer has the same H tokens.
+
+    LoRA factors --tokenize--> tokens (n, N, H, r, T) --detokenize--> LoRA factors   (bit for bit)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .lora import LoRA
+from .targets import Target, group_layers
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one target's factors live in the token grid."""
+
+    name: str
+    layer: int
+    slot: int
+    a_shape: tuple[int, ...]  # per sample
+    b_shape: tuple[int, ...]
+
+
+class TokenLayout:
+    """The token grid of N layers x H tokens of shape (rank, token_dim).
+
+    Args:
+        rank: LoRA rank r.
+        token_dim: token width T.
+        num_layers: N.
+        slot_names: the module slots of one layer, in order.
+        entries: one per target, naming its layer and slot index and its factor shapes.
+    """
+
+    def __init__(self, rank: int, token_dim: int, num_layers: int, slot_names: list[str], entries: list[Entry]):
+        self.rank, self.token_dim, self.num_layers = rank, token_dim, num_layers
+        self.slot_names = list(slot_names)
+        self.entries = list(entries)
+        chunk = rank * token_dim
+        a_numel, b_numel = [0] * len(slot_names), [0] * len(slot_names)
+        for e in entries:
+            a_numel[e.slot] = max(a_numel[e.slot], math.prod(e.a_shape))
+            b_numel[e.slot] = max(b_numel[e.slot], math.prod(e.b_shape))
+        self.a_tokens = [math.ceil(n / chunk) for n in a_numel]
+        self.b_tokens = [math.ceil(n / chunk) for n in b_numel]
+        self.h_a, self.h_b = sum(self.a_tokens), sum(self.b_tokens)
+        self._a_offset = [sum(self.a_tokens[:k]) for k in range(len(slot_names))]
+        self._b_offset = [self.h_a + sum(self.b_tokens[:k]) for k in range(len(slot_names))]
+
+    @property
+    def tokens_per_layer(self) -> int:
+        """H = H_A + H_B."""
+        return self.h_a + self.h_b
+
+    @classmethod
+    def from_targets(cls, targets: list[Target], rank: int, token_dim: int) -> "TokenLayout":
+        layers, slots = group_layers(targets)
+        entries = [Entry(t.name, layers.index(t.layer), slots.index(t.slot), t.a_shape(rank), t.b_shape(rank))
+                   for t in targets]
+        return cls(rank, token_dim, len(layers), slots, entries)
+
+    def _spans(self, e: Entry):
+        """(offset, token count, shape) of the entry's A and of its B."""
+        yield self._a_offset[e.slot], self.a_tokens[e.slot], e.a_shape
+        yield self._b_offset[e.slot], self.b_tokens[e.slot], e.b_shape
+
+    def tokenize(self, lora: LoRA) -> Tensor:
+        """LoRA -> tokens (n, N, H, r, T); missing or smaller parameters are zero-padded."""
+        n, chunk = lora.batch_size, self.rank * self.token_dim
+        ref = next(iter(lora.factors.values()))[0]
+        tokens = ref.new_zeros(n, self.num_layers, self.tokens_per_layer, chunk)
+        for e in self.entries:
+            if e.name not in lora.factors:
+                raise KeyError(f"LoRA has no factors for target {e.name!r}")
+            for (offset, count, shape), factor in zip(self._spans(e), lora.factors[e.name]):
+                if tuple(factor.shape[1:]) != shape:
+                    raise ValueError(f"{e.name}: factor shape {tuple(factor.shape[1:])}, layout expects {shape}")
+                flat = F.pad(factor.reshape(n, -1), (0, count * chunk - math.prod(shape)))
+                tokens[:, e.layer, offset : offset + count] = flat.view(n, count, chunk)
+        return tokens.view(n, self.num_layers, self.tokens_per_layer, self.rank, self.token_dim)
+
+    def detokenize(self, tokens: Tensor, scale: float) -> LoRA:
+        """Tokens (n, N, H, r, T) -> LoRA with the layout's factor shapes (differentiable)."""
+        expected = (self.num_layers, self.tokens_per_layer, self.rank, self.token_dim)
+        if tokens.dim() != 5 or tuple(tokens.shape[1:]) != expected:
+            raise ValueError(f"tokens must be (n, {', '.join(map(str, expected))}), got {tuple(tokens.shape)}")
+        n = tokens.shape[0]
+        factors = {}
+        for e in self.entries:
+            a, b = (tokens[:, e.layer, offset : offset + count].reshape(n, -1)[:, : math.prod(shape)].reshape(n, *shape)
+                    for offset, count, shape in self._spans(e))
+            factors[e.name] = (a, b)
+        return LoRA(factors, scale)

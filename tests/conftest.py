@@ -1,0 +1,19 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+
+@pytest.fixture
+def hywu_fixture():
+    path = os.path.join(SHARED, "fixtures", "hywu-ref-a")
+    if not os.path.isdir(path):
+        pytest.skip(f"HY-WU fixture not found at {path} (../shared beside the repo)")
+    return path

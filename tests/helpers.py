@@ -1,0 +1,79 @@
+"""Small bases for the core tests."""
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        q, k, v = self.attn.qkv(self.norm(x)).chunk(3, dim=-1)
+        x = x + torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+        return x + self.mlp.fc2(torch.relu(self.mlp.fc1(x)))
+
+
+class TinyTransformer(nn.Module):
+    """Input (B, T, dim). Block 1's MLP is wider, so layers have different slot shapes."""
+
+    def __init__(self, dim: int = 16, depth: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, 2 * dim if i != 1 else 3 * dim) for i in range(depth))
+        self.head = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class TinyConvNet(nn.Module):
+    """Input (B, 3, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)])
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        for s in self.stages:
+            x = torch.relu(s(x))
+        return self.out(x)
+
+
+class Experts(nn.Module):
+    """E stacked expert matrices: token t goes through expert ``index[b, t]``.
+
+    Input x (B, T, in), index (B, T) -> (B, T, out)."""
+
+    def __init__(self, num_experts: int = 3, dim_in: int = 8, dim_out: int = 6):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(num_experts, dim_out, dim_in) / dim_in ** 0.5)
+
+    def forward(self, x, index):
+        w = self.gate_up[index]  # (B, T, out, in)
+        return (w @ x[..., None])[..., 0]
+
+
+class MoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"experts": Experts(), "proj": nn.Linear(6, 8)}) for _ in range(2))
+
+    def forward(self, x, index):
+        for layer in self.layers:
+            x = x + layer["proj"](torch.tanh(layer["experts"](x, index)))
+        return x
+
+
+def randomize_b_head(fm, std: float = 0.02):
+    """Give the generator a nonzero B head (at init it is zero, so every LoRA is a no-op)."""
+    with torch.no_grad():
+        fm.generator.model.proj_out_B.weight.normal_(std=std)
+        fm.generator.model.proj_out_B.bias.normal_(std=std)

@@ -1,0 +1,66 @@
+"""FunctionalMemory / SharedLoRA: save and load, refusing a base with other shapes."""
+
+import json
+
+import pytest
+import torch
+
+import funcmem
+from helpers import TinyTransformer, randomize_b_head
+
+GEN = funcmem.GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    fm = funcmem.FunctionalMemory(TinyTransformer(), ["qkv", "fc1"], rank=4, alpha=8, condition_dim=12, generator=GEN)
+    randomize_b_head(fm, 0.2)
+    fm.save_pretrained(tmp_path / "gen")
+    config = json.loads((tmp_path / "gen" / "config.json").read_text())
+    assert {"generator", "targets", "rank", "alpha", "condition_dim", "funcmem_version"} <= set(config)
+    torch.manual_seed(1)
+    base2 = TinyTransformer()
+    base2.load_state_dict({k.replace(".base_layer", ""): v for k, v in fm.base.state_dict().items()})
+    fm2 = funcmem.FunctionalMemory.from_pretrained(tmp_path / "gen", base2)
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
+    assert torch.equal(fm(c, x), fm2(c, x))
+    assert not torch.equal(fm(c, x), fm.base(x))
+
+
+def test_loading_onto_another_base_names_the_module(tmp_path):
+    fm = funcmem.FunctionalMemory(TinyTransformer(dim=16), ["qkv"], rank=4, condition_dim=12, generator=GEN)
+    fm.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv"):
+        funcmem.FunctionalMemory.from_pretrained(tmp_path, TinyTransformer(dim=24))
+    with pytest.raises(ValueError, match="lacks"):
+        funcmem.FunctionalMemory.from_pretrained(tmp_path, TinyTransformer(depth=2))
+    with pytest.raises(ValueError, match="SharedLoRA"):
+        funcmem.SharedLoRA.from_pretrained(tmp_path, TinyTransformer())
+
+
+def test_shared_lora_round_trip_and_same_mount_path(tmp_path):
+    torch.manual_seed(0)
+    base = TinyTransformer()
+    shared = funcmem.SharedLoRA(base, ["qkv", "fc2"], rank=4, alpha=4)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(shared(x), base(x))  # B = 0 at init
+    with torch.no_grad():
+        for p in shared.lora_B.values():
+            p.normal_()
+    y = shared(x)
+    with shared.mounted(shared.lora()):
+        assert torch.equal(base(x), y)
+    shared.save_pretrained(tmp_path)
+    base2 = TinyTransformer()
+    base2.load_state_dict({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()})
+    assert torch.equal(funcmem.SharedLoRA.from_pretrained(tmp_path, base2)(x), y)
+
+
+def test_generator_and_shared_lora_share_one_base():
+    torch.manual_seed(0)
+    base = TinyTransformer()
+    fm = funcmem.FunctionalMemory(base, ["qkv"], rank=2, condition_dim=4, generator=GEN)
+    shared = funcmem.SharedLoRA(base, ["qkv"], rank=2)
+    assert fm._handles["blocks.0.attn.qkv"][0] is shared._handles["blocks.0.attn.qkv"][0]
+    assert shared.num_trainable_parameters() == 3 * (2 * 16 + 48 * 2)
+    assert fm.num_trainable_parameters() == fm.generator.count_parameters()
