@@ -1,0 +1,231 @@
+"""Pre-training the base editor on its own edit family, once, with an on-disk cache.
+
+The base editor learns geometric and colour-permutation edits (flips, rotations, inversion,
+channel swaps, posterize, grayscale, roll, identity). These do NOT overlap the downstream
+family (blur, noise, age, brightness, contrast, colour temperature) that a generator later
+teaches it; the base is frozen after this.
+
+    photo_crops(...)            -> crops (n, 3, S, S)
+    pretrain_editor(crops, ...) -> Editor                (AdamW, cosine LR, MSE on the raw output)
+    load_or_train_editor(...)   -> frozen Editor         (cached: {cache}/editor-{hash}.safetensors + .json)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..io import read_safetensors, write_json, write_safetensors
+from .editor import Editor, EditorConfig
+
+VERSION = "editor-pretrain-2"  # bump when the ops, data, training loop or Editor architecture change
+
+# ---------------------------------------------------------------- the pretraining edit family
+
+Op = Callable[[Tensor], Tensor]  # (B, 3, S, S) -> (B, 3, S, S), values in [0, 1]
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    y = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # (B, 1, S, S)
+    return y.expand_as(x)
+
+
+PRETRAIN_OPS: dict[str, tuple[Op, list[str]]] = {
+    "identity": (lambda x: x, ["keep it as is", "leave the image unchanged", "no change", "do nothing"]),
+    "flip_h": (lambda x: x.flip(-1), ["flip horizontally", "mirror the image left to right", "flip it left-right"]),
+    "flip_v": (lambda x: x.flip(-2), ["flip vertically", "turn the image upside down by mirroring", "flip it top to bottom"]),
+    "rotate_ccw": (lambda x: x.rot90(1, (-2, -1)), ["rotate 90 degrees counterclockwise", "turn it a quarter turn to the left"]),
+    "rotate_180": (lambda x: x.rot90(2, (-2, -1)), ["rotate 180 degrees", "turn it half a turn"]),
+    "rotate_cw": (lambda x: x.rot90(3, (-2, -1)), ["rotate 90 degrees clockwise", "turn it a quarter turn to the right"]),
+    "invert": (lambda x: 1 - x, ["invert the colours", "make a negative of the image", "invert it"]),
+    "swap_rb": (lambda x: x[:, [2, 1, 0]], ["swap red and blue", "convert RGB to BGR"]),
+    "swap_rg": (lambda x: x[:, [1, 0, 2]], ["swap red and green", "exchange the red and green channels"]),
+    "posterize": (lambda x: (x * 3).round() / 3, ["posterize", "reduce to four levels per channel"]),
+    "grayscale": (_grayscale, ["make it black and white", "convert to grayscale", "remove all colour"]),
+    "roll": (lambda x: x.roll(x.shape[-1] // 2, -1), ["shift the image by half its width", "roll it sideways by half"]),
+}
+
+
+def instructions() -> list[str]:
+    """Every phrasing of every pretraining op."""
+    return [p for _, phrasings in PRETRAIN_OPS.values() for p in phrasings]
+
+
+# ---------------------------------------------------------------- training images
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image sample photos (colour)
+
+
+def photo_crops(n: int, size: int = 32, seed: int = 0, photos: tuple[str, ...] = PHOTOS) -> Tensor:
+    """Random square crops of scikit-image photos, resized to ``size``: (n, 3, size, size) in [0, 1].
+
+    Crop sides are drawn between ``size`` and half the photo's short side, then resized with
+    antialiasing, so crops range from full-resolution detail to whole-object views.
+    """
+    import skimage.data
+
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.from_numpy(getattr(skimage.data, name)()[..., :3].copy()).permute(2, 0, 1).float() / 255
+              for name in photos]
+    out = torch.empty(n, 3, size, size)
+    for i in range(n):
+        img = images[int(torch.randint(len(images), (1,), generator=g))]
+        h, w = img.shape[-2:]
+        side = int(torch.randint(size, max(size, min(h, w) // 2) + 1, (1,), generator=g))
+        top = int(torch.randint(h - side + 1, (1,), generator=g))
+        left = int(torch.randint(w - side + 1, (1,), generator=g))
+        crop = img[None, :, top: top + side, left: left + side]
+        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return out.clamp(0, 1)
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> Tensor:
+    """Random smooth colour fields (low-res noise upsampled): (n, 3, size, size) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _batch(crops: Tensor, batch: int, names: list[str], g: torch.Generator) -> tuple[Tensor, Tensor, list[str]]:
+    """A random batch: inputs, targets (B, 3, S, S) and one random phrasing per sample."""
+    x = crops[torch.randint(len(crops), (batch,), generator=g)]
+    ops = torch.randint(len(names), (batch,), generator=g).tolist()
+    y = torch.empty_like(x)
+    texts = []
+    for i, k in enumerate(ops):
+        fn, phrasings = PRETRAIN_OPS[names[k]]
+        y[i] = fn(x[i: i + 1])[0]
+        texts.append(phrasings[int(torch.randint(len(phrasings), (1,), generator=g))])
+    return x, y, texts
+
+
+def pretrain_editor(crops: Tensor, config: EditorConfig | None = None, steps: int = 1500, batch: int = 16,
+                    lr: float = 2e-3, seed: int = 0, text_encoder=None, progress: bool = True,
+                    losses: list[float] | None = None) -> Editor:
+    """Train a fresh editor on the pretraining ops (``PRETRAIN_OPS``).
+
+    Args:
+        crops: (n, 3, S, S) training images in [0, 1], S = ``config.image_size``.
+        config: editor size (default ``EditorConfig()``).
+        steps, batch, lr: AdamW steps, batch size and peak learning rate (cosine decay, short warmup).
+        seed: initialisation and batch sampling.
+        text_encoder: a ``TextEncoder`` (default: load MiniLM).
+        progress: show a tqdm bar.
+        losses: if given, each step's loss is appended to it.
+
+    Returns:
+        the trained editor in train mode, on the crops' device (not frozen; see ``load_or_train_editor``).
+    """
+    config = config or EditorConfig()
+    if crops.dim() != 4 or crops.shape[1:] != (3, config.image_size, config.image_size):
+        raise ValueError(f"crops must be (n, 3, {config.image_size}, {config.image_size}), got {tuple(crops.shape)}")
+    if text_encoder is None:
+        from .conditions import TextEncoder
+
+        text_encoder = TextEncoder()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        editor = Editor(config).to(crops.device)
+    g = torch.Generator().manual_seed(seed)
+    names = list(PRETRAIN_OPS)
+    opt = torch.optim.AdamW(editor.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    editor.train()
+    pool, device = crops.cpu(), crops.device
+    bar = tqdm(range(steps), disable=not progress, desc="pretrain editor")
+    for step in bar:
+        x, y, texts = _batch(pool, batch, names, g)
+        states, mask = text_encoder.encode(texts, config.max_text_tokens)
+        x, y = x.to(device), y.to(device)
+        loss = F.mse_loss(editor(x, states.to(device), mask.to(device)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(editor.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if losses is not None:
+            losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return editor
+
+
+@torch.no_grad()
+def edit_psnr(editor: Editor, crops: Tensor, text_encoder) -> dict[str, dict[str, float]]:
+    """Per op: PSNR (dB) of the clamped edit vs the target, and of the unedited input vs the target
+    (the identity baseline). Uses each op's first phrasing."""
+    out = {}
+    for name, (fn, phrasings) in PRETRAIN_OPS.items():
+        target = fn(crops)
+        states, mask = text_encoder.encode([phrasings[0]] * len(crops), editor.config.max_text_tokens)
+        pred = editor.edit(crops, states.to(crops.device), mask.to(crops.device))
+        psnr = lambda a: float((-10 * torch.log10(F.mse_loss(a, target).clamp(min=1e-10))).item())
+        out[name] = {"edit": psnr(pred), "identity_baseline": psnr(crops)}
+    return out
+
+
+# ---------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """``$FUNCMEM_CACHE`` or ``~/.cache/funcmem``."""
+    return Path(os.environ.get("FUNCMEM_CACHE") or Path.home() / ".cache" / "funcmem")
+
+
+def _freeze(editor: Editor) -> Editor:
+    editor.eval()
+    for p in editor.parameters():
+        p.requires_grad_(False)
+    return editor
+
+
+def load_or_train_editor(config: EditorConfig | None = None, cache_dir: str | Path | None = None,
+                         steps: int = 1500, batch: int = 16, lr: float = 2e-3, seed: int = 0,
+                         n_crops: int = 4096, text_encoder=None, progress: bool = True) -> Editor:
+    """The pretrained base editor, frozen and in eval mode: loaded from the cache, or trained
+    (on ``photo_crops(n_crops)`` + ``smooth_images(n_crops // 8)``) and cached.
+
+    The checkpoint is keyed by a hash of the editor config, these settings and ``VERSION``, and
+    written atomically, so an interrupted run never leaves a half-written checkpoint behind.
+
+    Args:
+        config: editor size (default ``EditorConfig()``).
+        cache_dir: default ``default_cache_dir()``.
+        steps, batch, lr, seed, n_crops: pretraining settings (part of the cache key).
+        text_encoder: a ``TextEncoder`` (default: load MiniLM) used only when training.
+        progress: show a tqdm bar while training.
+    """
+    config = config or EditorConfig()
+    settings = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_crops": n_crops,
+                "photos": list(PHOTOS), "ops": list(PRETRAIN_OPS)}
+    record = {"version": VERSION, "config": config.to_dict(), "settings": settings}
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    weights, meta = cache / f"editor-{key}.safetensors", cache / f"editor-{key}.json"
+    if weights.is_file() and meta.is_file():
+        editor = Editor(EditorConfig.from_dict(json.loads(meta.read_text())["config"]))
+        editor.load_state_dict(read_safetensors(weights))
+        return _freeze(editor)
+    size = config.image_size
+    crops = torch.cat([photo_crops(n_crops, size, seed), smooth_images(n_crops // 8, size, seed)])
+    start = time.perf_counter()
+    editor = pretrain_editor(crops, config, steps, batch, lr, seed, text_encoder, progress)
+    record["train_seconds"] = round(time.perf_counter() - start, 1)
+    write_safetensors(weights, editor.state_dict(), metadata={"key": key})
+    write_json(meta, record)  # written last: its presence marks a complete checkpoint
+    return _freeze(editor)

@@ -1,0 +1,106 @@
+"""Condition encoders load offline and behave; the projector's shapes and LayerNorm statistics."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from funcmem.editing.conditions import (BaseHiddenEncoder, ConditionEncoder, ConditionProjector, ImageEncoder,
+                                        MiniLMEfficientNet, TextEncoder)
+from funcmem.editing.editor import Editor, EditorConfig
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return TextEncoder()
+
+
+@pytest.fixture(scope="module")
+def image_encoder():
+    return ImageEncoder()
+
+
+def test_embed_is_mean_pooled_and_unit_norm(text_encoder):
+    texts = ["brighten the photo", "darken the photo"]
+    emb = text_encoder.embed(texts)
+    assert emb.shape == (2, 384)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    tok = text_encoder.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = text_encoder.model(**tok).last_hidden_state
+    m = tok["attention_mask"][..., None].float()
+    expected = F.normalize((states * m).sum(1) / m.sum(1), dim=-1)
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
+    cos = float(emb[0] @ emb[1])
+    assert 0 < cos < 0.95
+
+
+def test_encode_pads_to_max_tokens_and_caches(text_encoder):
+    states, mask = text_encoder.encode(["flip it", "invert the colours please"], max_tokens=12)
+    assert states.shape == (2, 12, 384) and mask.shape == (2, 12) and mask.dtype == torch.bool
+    assert mask[0].sum() < mask[1].sum()
+    assert torch.all(states[~mask] == 0)
+    again, _ = text_encoder.encode(["invert the colours please"], max_tokens=12)
+    torch.testing.assert_close(again[0], states[1])
+
+
+def test_truncation_is_reported(text_encoder):
+    long = "please make this photo look exactly like it was taken on a grey winter morning long ago"
+    with pytest.warns(UserWarning, match="cut"):
+        _, mask = text_encoder.encode([long], max_tokens=8)
+    assert mask.sum() == 8 and long in text_encoder.truncated
+    text_encoder.encode(["short"], max_tokens=8)
+    assert "short" not in text_encoder.truncated
+
+
+def test_image_features_are_tokens_and_differ(image_encoder):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g)
+    feats = image_encoder.encode(images)
+    assert feats.shape == (2, 16, 1280)
+    assert not torch.allclose(feats[0], feats[1])
+
+
+def test_default_encoder_streams(text_encoder, image_encoder):
+    enc = MiniLMEfficientNet(text_encoder, image_encoder, max_tokens=16)
+    assert isinstance(enc, ConditionEncoder)
+    raw = enc.raw(torch.rand(3, 3, 32, 32), ["flip it", "blur it", "add noise"])
+    assert raw["text"].shape == (3, 16, 384) and raw["text_mask"].shape == (3, 16)
+    assert raw["image"].shape == (3, 16, 1280)
+    assert not any(v.requires_grad for v in raw.values())
+    assert ConditionProjector(enc.raw_dims, 64)(raw).shape == (3, 32, 64)
+
+
+def test_base_hidden_encoder_streams(text_encoder):
+    cfg = EditorConfig(image_size=16, width=32, depth=2, heads=2, max_text_tokens=8)
+    enc = BaseHiddenEncoder(Editor(cfg), text_encoder)
+    assert isinstance(enc, ConditionEncoder)
+    raw = enc.raw(torch.rand(2, 3, 16, 16), ["flip it", "invert the colours"])
+    assert raw["image"].shape == (2, 16, 32) and raw["text"].shape == (2, 8, 32)
+    assert ConditionProjector(enc.raw_dims, 24)(raw).shape == (2, 24, 24)
+
+
+def test_projector_layernorm_statistics_and_mask():
+    proj = ConditionProjector({"text": 384, "image": 1280}, 64)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, :3] = True
+    raw = {"text": torch.randn(2, 5, 384), "text_mask": mask, "image": 50 * torch.randn(2, 16, 1280) + 7}
+    out = proj(raw)
+    assert out.shape == (2, 21, 64)
+    real = torch.cat([out[:, :3], out[:, 5:]], dim=1)  # LayerNorm at init: zero mean, unit variance per token
+    torch.testing.assert_close(real.mean(-1), torch.zeros(2, 19), atol=1e-5, rtol=0)
+    torch.testing.assert_close(real.var(-1, unbiased=False), torch.ones(2, 19), atol=1e-3, rtol=0)
+    assert torch.all(out[:, 3:5] == 0)  # padding comes out as zeros
+    assert proj.mask(raw).tolist() == [[True] * 3 + [False] * 2 + [True] * 16] * 2
+
+
+def test_projector_rejects_wrong_widths():
+    proj = ConditionProjector({"image": 1280}, 8)
+    with pytest.raises(ValueError, match="image"):
+        proj({"image": torch.randn(1, 16, 100)})
+    with pytest.raises(KeyError, match="image"):
+        proj({"text": torch.randn(1, 4, 1280)})
