@@ -24,7 +24,7 @@ demo-full: $(STAMP)
 	$(VENV)/bin/funcmem demo
 
 bench: $(STAMP)
-	$(VENV)/bin/funcmem toy
+	$(VENV)/bin/funcmem bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

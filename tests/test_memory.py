@@ -20,7 +20,7 @@ def test_save_load_round_trip(tmp_path):
     assert {"generator", "targets", "rank", "alpha", "condition_dim", "funcmem_version"} <= set(config)
     torch.manual_seed(1)
     base2 = TinyTransformer()
-    base2.load_state_dict({k.replace(".base_layer", ""): v for k, v in fm.base.state_dict().items()})
+    base2.load_state_dict(fm.base.state_dict())  # wrappers are transparent to state_dict
     fm2 = funcmem.FunctionalMemory.from_pretrained(tmp_path / "gen", base2)
     x, c = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
     assert torch.equal(fm(c, x), fm2(c, x))
@@ -52,7 +52,7 @@ def test_shared_lora_round_trip_and_same_mount_path(tmp_path):
         assert torch.equal(base(x), y)
     shared.save_pretrained(tmp_path)
     base2 = TinyTransformer()
-    base2.load_state_dict({k.replace(".base_layer", ""): v for k, v in base.state_dict().items()})
+    base2.load_state_dict(base.state_dict())
     assert torch.equal(funcmem.SharedLoRA.from_pretrained(tmp_path, base2)(x), y)
 
 

@@ -6,14 +6,38 @@ i's own factors. The LoRA batch n and the input batch b relate as:
 - n == b: sample i uses factors i;
 - n divides b: sample i uses factors ``i % n`` (the way ``torch.cat([x, x])`` builds
   classifier-free-guidance copies), without repeating the factors in memory; n == 1 broadcasts;
+- the LoRA has an ``index`` (m,) with m == b (or m dividing b, tiled the same way): sample i
+  uses factor row ``index[i]``;
 - anything else is an error naming both sizes.
 
 Outside ``mounted(...)`` a wrapper returns exactly ``base_layer(x)``.
+
+How the update is applied (every path gives the same result; ``set_lora_path`` forces one):
+
+- ``plain`` (one factor row for the whole batch): ``y += s (x A^T) B^T``, two matmuls.
+- ``per_sample`` (n == b, or an index whose rows rarely repeat): shrink ``h = bmm(x, A^T)``
+  (b, T, r), then expand fused into the output, ``baddbmm(y, h, B^T)``; with an index the
+  factor rows are gathered (``A[index]``: rows, never dense weights).
+- ``tiled`` (n divides b: CFG copies, no index): the per-sample kernel once per copy, on views of
+  the input and output: factors are not repeated, the input is not copied.
+- ``segmented`` (an index whose rows repeat): samples grouped by factor row (SGMV-style), each row
+  applied once to its group as ``plain``; groups are slices of the batch when a row's samples are
+  contiguous, else one gathered copy. ``auto`` weighs it against ``per_sample`` with a small cost
+  model (``choose_path``).
+
+No path loops over samples in Python (``segmented`` loops over distinct LoRAs, ``tiled`` over
+copies) or materialises a per-sample dense weight. The auto choice
+between ``per_sample`` and ``segmented`` reads the index on the host once per mounted LoRA and
+batch size (shared by all targets); under ``torch.compile`` it takes ``per_sample`` without
+reading it, so compiled graphs have no data-dependent branch. When no gradient is recorded the
+update is added into the base layer's fresh output in place (no second output-sized tensor);
+with autograd every op is out of place.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +47,35 @@ from torch.func import functional_call
 from .lora import LoRA
 from .targets import Target
 
-Factors = tuple[Tensor, Tensor, float]  # A, B, scale
+PATHS = ("auto", "per_sample", "segmented")
+# auto's cost model (``choose_path``), in tensor elements moved; fitted on CPU with ``funcmem bench``
+GROUP_COST = 20_000  # fixed cost of applying one group on the segmented path (Python, op dispatch)
+GATHER_COST = 60_000  # fixed cost of the per-sample path with an index (gathering rows, batched matmuls)
+_path = "auto"
+
+
+def set_lora_path(path: str) -> None:
+    """How mounted LoRAs are applied from now on: ``"auto"`` (default), ``"per_sample"`` or ``"segmented"``.
+
+    A forced path applies to every LoRA, whatever its batch: ``"per_sample"`` gathers one factor
+    row per sample, ``"segmented"`` groups samples by factor row (slow with many distinct rows).
+    Benchmarks and tests force paths; applications leave ``"auto"``.
+    """
+    global _path
+    if path not in PATHS:
+        raise ValueError(f"unknown LoRA path {path!r}; choose one of {PATHS}")
+    _path = path
+
+
+@contextmanager
+def lora_path(path: str):
+    """``set_lora_path`` for the duration of a block."""
+    previous = _path
+    set_lora_path(path)
+    try:
+        yield
+    finally:
+        set_lora_path(previous)
 
 
 def tiles(lora_batch: int, input_batch: int, where: str) -> int:
@@ -34,14 +86,120 @@ def tiles(lora_batch: int, input_batch: int, where: str) -> int:
     return input_batch // lora_batch
 
 
+@dataclass
+class Groups:
+    """Samples grouped by factor row: group g is sorted positions ``bounds[g]:bounds[g+1]``, row ``rows[g]``.
+
+    ``order`` permutes samples into that sorted order; None when each row's samples are already
+    contiguous (then groups are slices of the batch, no copy).
+    """
+
+    rows: list[int]
+    bounds: list[int]
+    order: Tensor | None
+
+    @property
+    def distinct(self) -> int:
+        return len(set(self.rows))
+
+
+class Routing:
+    """Which factor row each sample of a mounted LoRA uses; its grouping is computed once and
+    shared by every target (one host read of the index per batch size)."""
+
+    def __init__(self, rows: int, index: Tensor | None):
+        self.rows, self.index = rows, index
+        self._groups: dict[tuple[int, torch.device], Groups] = {}
+
+    @property
+    def samples(self) -> int:
+        """m: samples described (the index's length, else the factor rows)."""
+        return self.rows if self.index is None else self.index.shape[0]
+
+    def sample_rows(self, batch: int, device: torch.device) -> Tensor:
+        """(batch,) factor row of every input sample (an index of m < batch tiles)."""
+        rows = torch.arange(self.rows, device=device) if self.index is None else self.index.to(device)
+        k = batch // rows.shape[0]
+        return rows.repeat(k) if k > 1 else rows
+
+    def groups(self, batch: int, device: torch.device) -> Groups:
+        key = (batch, device)
+        if key not in self._groups:
+            rows = self.sample_rows(batch, device)
+            runs, counts = torch.unique_consecutive(rows, return_counts=True)
+            order = None
+            if len(runs) > len(torch.unique(runs)):  # some row's samples are not contiguous: sort them
+                rows, order = torch.sort(rows, stable=True)
+                runs, counts = torch.unique_consecutive(rows, return_counts=True)
+            if runs.numel() and (runs.min() < 0 or runs.max() >= self.rows):
+                raise IndexError(f"LoRA index holds rows {runs.min().item()}..{runs.max().item()}, "
+                                 f"but the factors have {self.rows} rows")
+            self._groups[key] = Groups(runs.tolist(), [0, *counts.cumsum(0).tolist()], order)
+        return self._groups[key]
+
+
+def choose_path(routing: Routing, batch: int, factor_elements: int = 0, activation_elements: int = 0,
+                device: torch.device | None = None, where: str = "LoRA") -> str:
+    """The path ``"auto"`` (or the forced path) takes for a mounted LoRA on an input batch.
+
+    Without an index the LoRA batch decides: one row ``plain``, one per sample ``per_sample``,
+    a divisor of the batch ``tiled``. With an index (m distinct rows over b samples) a cost model
+    in elements moved picks the cheaper of
+
+        per_sample: GATHER_COST + b * factor_elements   (a factor row per sample, read twice)
+        segmented:  m * (GROUP_COST + factor_elements)  (each distinct row once)
+                    + 2 * b * activation_elements       (only when a row's samples are scattered:
+                                                         gathering inputs and outputs)
+
+    where ``factor_elements`` = r (in + out) of one row and ``activation_elements`` = one sample's
+    input and output elements. So repeated LoRAs are segmented unless there are many small groups
+    (the per-group cost wins) or scattered samples carry many tokens (gathering activations costs
+    more than gathering factor rows). Under ``torch.compile`` it is ``per_sample``, unread.
+    ``funcmem bench`` (``mix``) measures both paths against this choice.
+    """
+    k = tiles(routing.samples, batch, where)
+    if _path != "auto":
+        return _path
+    if routing.index is None:
+        return "plain" if routing.rows == 1 else ("per_sample" if k == 1 else "tiled")
+    if torch.compiler.is_compiling():
+        return "per_sample"
+    groups = routing.groups(batch, device or routing.index.device)
+    per_sample = GATHER_COST + batch * factor_elements
+    segmented = groups.distinct * (GROUP_COST + factor_elements)
+    if groups.order is not None:
+        segmented += 2 * batch * activation_elements
+    return "segmented" if groups.distinct == 1 or segmented < per_sample else "per_sample"
+
+
+@dataclass
+class Mounted:
+    """What a wrapper holds for one weight while a LoRA is mounted."""
+
+    a: Tensor
+    b: Tensor
+    scale: float
+    routing: Routing
+
+
 class LoRALayer(nn.Module):
-    """A wrapper around one base module; ``factors`` maps a weight name to its mounted factors."""
+    """A wrapper around one base module; ``factors`` maps a weight name to its mounted factors.
+
+    Single-weight subclasses implement two kernels, both adding the update to the base output y:
+    ``_plain`` (one factor row for the whole input) and ``_per_sample`` (n rows, sample i uses row
+    i % n); ``_add_lora`` picks the path and builds the grouped ones from them. ``last_path`` records
+    the path of the last call (outside ``torch.compile``).
+    """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.factors: dict[str, Factors] = {}
+        self.factors: dict[str, Mounted] = {}
         self._merged: dict[str, Tensor] = {}  # original weights while merged
+        self.last_path: str | None = None
+        # state_dict keys stay the base's own (no ``base_layer.``): wrapped and plain bases load each other
+        self.register_state_dict_post_hook(_hide_base_layer)
+        self.register_load_state_dict_pre_hook(_expose_base_layer)
 
     def weight_delta(self, name: str, a: Tensor, b: Tensor, scale: float) -> Tensor:
         """``scale * B @ A`` of one sample, shaped like the base weight."""
@@ -63,6 +221,56 @@ class LoRALayer(nn.Module):
                 self.base_layer.get_parameter(name).copy_(original)
         self._merged.clear()
 
+    # ---- application: y = base_layer(x) is computed; the kernels add the update to it
+
+    def _plain(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, scale: float, inplace: bool) -> Tensor:
+        """One factor row, a (r, in) and b (out, r), for every sample of x."""
+        raise NotImplementedError
+
+    def _per_sample(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, scale: float, inplace: bool) -> Tensor:
+        """a (n, r, in), b (n, out, r) with n dividing x's batch: sample i uses row i % n."""
+        raise NotImplementedError
+
+    def _inplace(self, y: Tensor, *tensors: Tensor) -> bool:
+        """Add into the base output y in place: only when no gradient is recorded and y is the
+        stock layer's fresh, contiguous tensor (saves an output-sized allocation and pass)."""
+        stock = type(self.base_layer).forward in (nn.Linear.forward, nn.Conv2d.forward)
+        hooked = self.base_layer._forward_hooks or self.base_layer._forward_pre_hooks
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (y, *tensors))
+        return stock and not hooked and not grad and y.is_contiguous()
+
+    def _add_lora(self, x: Tensor, y: Tensor, m: Mounted) -> Tensor:
+        batch = x.shape[0]
+        factor_elements = m.a[0].numel() + m.b[0].numel()  # r (in + out)
+        path = choose_path(m.routing, batch, factor_elements, x[0].numel() + y[0].numel(), x.device,
+                           type(self).__name__)
+        if not torch.compiler.is_compiling():
+            self.last_path = path
+        a, b = m.a.to(x.dtype), m.b.to(x.dtype)
+        inplace = self._inplace(y, x, a, b)
+        if path == "plain":
+            return self._plain(x, y, a[0], b[0], m.scale, inplace)
+        if path == "per_sample" and (m.routing.index is not None or a.shape[0] != batch):
+            rows = m.routing.sample_rows(batch, x.device)
+            a, b = a[rows], b[rows]  # (b, r, in), (b, out, r): factor rows, not dense weights
+        if path in ("per_sample", "tiled"):
+            return self._per_sample(x, y, a, b, m.scale, inplace)
+        return self._segmented(x, y, a, b, m.scale, m.routing.groups(batch, x.device), inplace)
+
+    def _segmented(self, x: Tensor, y: Tensor, a: Tensor, b: Tensor, scale: float, g: Groups,
+                   inplace: bool) -> Tensor:
+        """Each factor row once, on its group of samples (SGMV-style): slices of the batch, or of
+        one gathered copy when a row's samples are not contiguous."""
+        xs, ys = (x, y) if g.order is None else (x[g.order], y[g.order])
+        spans = list(zip(g.rows, g.bounds[:-1], g.bounds[1:]))
+        if inplace:  # each group's update lands in its slice of ys
+            for row, s, e in spans:
+                self._plain(xs[s:e], ys[s:e], a[row], b[row], scale, True)
+            return y if g.order is None else y.index_copy_(0, g.order, ys)
+        parts = [self._plain(xs[s:e], ys[s:e], a[row], b[row], scale, False) for row, s, e in spans]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out if g.order is None else out.index_copy(0, g.order, out)
+
 
 class _WeightedLoRA(LoRALayer):
     """Wrappers of layers with one ``weight``: expose it (and ``bias``) as PEFT's layers do."""
@@ -76,8 +284,24 @@ class _WeightedLoRA(LoRALayer):
         return self.base_layer.bias
 
 
+def _shrink(x: Tensor, a: Tensor) -> Tensor:
+    """``x A^T`` per sample: x (n, T, in), a (n, r, in) -> (n, T, r).
+
+    With a rank narrower than 16 and at least 16 tokens it runs as ``(A x^T)^T`` (a transposed
+    view, no copy): CPU BLAS kernels are up to ~2x faster in that orientation for such skinny
+    products (measured with MKL; same result).
+    """
+    if a.shape[1] < 16 and x.shape[1] >= 16:
+        return torch.bmm(a, x.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(x, a.transpose(1, 2))
+
+
 class LinearLoRA(_WeightedLoRA):
-    """LoRA on ``nn.Linear``; input (b, ..., in_features)."""
+    """LoRA on ``nn.Linear``; input (b, ..., in_features).
+
+    Per sample: shrink ``h = bmm(x, A^T)`` (b, T, r), then expand fused into the output
+    ``y += scale * bmm(h, B^T)`` (``baddbmm``): 2 b T r (in + out) extra FLOPs, no dense weight.
+    """
 
     def weight_delta(self, name, a, b, scale):
         return scale * (b @ a)
@@ -86,20 +310,32 @@ class LinearLoRA(_WeightedLoRA):
         y = self.base_layer(x)
         if "weight" not in self.factors:
             return y
-        a, b, scale = self.factors["weight"]
+        return self._add_lora(x, y, self.factors["weight"])
+
+    def _plain(self, x, y, a, b, scale, inplace):
+        h = _shrink(x.reshape(1, -1, x.shape[-1]), a[None])[0]  # (b*T, r)
+        if inplace:
+            y.view(-1, y.shape[-1]).addmm_(h, b.T, alpha=scale)
+            return y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, b.T, alpha=scale).view(y.shape)
+
+    def _per_sample(self, x, y, a, b, scale, inplace):
         n = a.shape[0]
-        k = tiles(n, x.shape[0], "Linear")
-        xs = x.reshape(k, n, -1, x.shape[-1])  # sample i = (i // n, i % n)
-        h = xs @ a.to(x.dtype).transpose(-1, -2)  # (k, n, T, r)
-        delta = (h * scale) @ b.to(x.dtype).transpose(-1, -2)  # (k, n, T, out)
-        return y + delta.reshape(y.shape)
+        if x.shape[0] != n:  # CFG copies: the kernel once per copy, on views (factors not repeated)
+            parts = [self._per_sample(x[c:c + n], y[c:c + n], a, b, scale, inplace) for c in range(0, x.shape[0], n)]
+            return y if inplace else torch.cat(parts)
+        h = _shrink(x.reshape(n, -1, x.shape[-1]), a)  # (n, T, r)
+        if inplace:
+            y.view(n, -1, y.shape[-1]).baddbmm_(h, b.transpose(1, 2), alpha=scale)  # expand into y
+            return y
+        return torch.baddbmm(y.reshape(n, -1, y.shape[-1]), h, b.transpose(1, 2), alpha=scale).view(y.shape)
 
 
 class Conv2dLoRA(_WeightedLoRA):
     """LoRA on ``nn.Conv2d`` as PEFT does it: A a conv with the base kernel, B a 1x1 conv.
 
-    Input (b, C, H, W); A (n, r, C*kh*kw) is used as conv weights (n*r, C, kh, kw) in one grouped
-    convolution over the n samples' channel blocks.
+    Input (b, C, H, W). Per sample, A (n, r, C*kh*kw) is used as conv weights (n*r, C, kh, kw) in
+    one grouped convolution over the samples' channel blocks; B is a batched matmul into the output.
     """
 
     def weight_delta(self, name, a, b, scale):
@@ -112,15 +348,33 @@ class Conv2dLoRA(_WeightedLoRA):
             return y
         if x.dim() != 4:
             raise ValueError(f"Conv2d LoRA needs a batched input (b, C, H, W), got {tuple(x.shape)}")
-        a, b, scale = self.factors["weight"]
-        conv, (n, r) = self.base_layer, a.shape[:2]
-        k = tiles(n, x.shape[0], "Conv2d")
-        wa = a.to(x.dtype).reshape(n * r, conv.in_channels, *conv.kernel_size)
-        h = F.conv2d(x.reshape(k, n * conv.in_channels, *x.shape[2:]), wa, None,
-                     conv.stride, conv.padding, conv.dilation, groups=n)  # (k, n*r, H', W')
-        h = h.view(k, n, r, -1) * scale
-        delta = b.to(x.dtype) @ h  # (n, out, r) @ (k, n, r, HW) -> (k, n, out, HW)
-        return y + delta.reshape(y.shape)
+        return self._add_lora(x, y, self.factors["weight"])
+
+    def _conv_a(self, x: Tensor, a: Tensor, groups: int) -> Tensor:
+        """x (k, groups*C, H, W) through A as conv weights (groups*r, C, kh, kw) -> (k, groups*r, H', W')."""
+        conv = self.base_layer
+        w = a.reshape(-1, conv.in_channels, *conv.kernel_size)
+        return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, groups=groups)
+
+    def _plain(self, x, y, a, b, scale, inplace):
+        h = self._conv_a(x, a, 1).flatten(2)  # (b, r, H'W')
+        bb = b.expand(x.shape[0], -1, -1)
+        if inplace:
+            y.view(*y.shape[:2], -1).baddbmm_(bb, h, alpha=scale)
+            return y
+        return torch.baddbmm(y.reshape(*y.shape[:2], -1), bb, h, alpha=scale).view(y.shape)
+
+    def _per_sample(self, x, y, a, b, scale, inplace):
+        (n, r), k = a.shape[:2], x.shape[0] // a.shape[0]
+        h = self._conv_a(x.reshape(k, -1, *x.shape[2:]), a, n).view(k, n, r, -1)  # (k, n, r, H'W')
+        y4 = y.view(k, n, y.shape[1], -1) if inplace else y.reshape(k, n, y.shape[1], -1)
+        if inplace:  # CFG copies (k > 1) share the factors
+            for c in range(k):
+                y4[c].baddbmm_(b, h[c], alpha=scale)
+            return y
+        if k == 1:
+            return torch.baddbmm(y4[0], b, h[0], alpha=scale).view(y.shape)
+        return (y4 + b @ (h * scale)).view(y.shape)  # (n, out, r) @ (k, n, r, H'W')
 
 
 class ExpertsLoRA(LoRALayer):
@@ -135,26 +389,39 @@ class ExpertsLoRA(LoRALayer):
         return scale * (b @ a)  # (E, out, r) @ (E, r, in)
 
     def _weights(self, j: int) -> dict[str, Tensor]:
-        return {name: self.base_layer.get_parameter(name) + self.weight_delta(name, a[j], b[j], s).to(
-            self.base_layer.get_parameter(name).dtype) for name, (a, b, s) in self.factors.items()}
+        return {name: self.base_layer.get_parameter(name) + self.weight_delta(name, m.a[j], m.b[j], m.scale).to(
+            self.base_layer.get_parameter(name).dtype) for name, m in self.factors.items()}
 
     def forward(self, *args, **kwargs):
         if not self.factors:
             return self.base_layer(*args, **kwargs)
-        n = next(iter(self.factors.values()))[0].shape[0]
-        if n == 1:
-            return functional_call(self.base_layer, self._weights(0), args, kwargs)
+        routing = next(iter(self.factors.values())).routing
         batch = args[0].shape[0]
-        tiles(n, batch, "experts")
-        out = None
-        for j in range(n):
-            rows = torch.arange(j, batch, n, device=args[0].device)
+        tiles(routing.samples, batch, "experts")
+        if routing.rows == 1:
+            return functional_call(self.base_layer, self._weights(0), args, kwargs)
+        groups, out = routing.groups(batch, args[0].device), None
+        self.last_path = "segmented"
+        for row, s, e in zip(groups.rows, groups.bounds[:-1], groups.bounds[1:]):
+            rows = torch.arange(s, e, device=args[0].device) if groups.order is None else groups.order[s:e]
             pick = lambda v: v[rows] if isinstance(v, Tensor) and v.dim() and v.shape[0] == batch else v
-            part = functional_call(self.base_layer, self._weights(j), tuple(map(pick, args)),
+            part = functional_call(self.base_layer, self._weights(row), tuple(map(pick, args)),
                                    {key: pick(v) for key, v in kwargs.items()})
             out = part.new_empty(batch, *part.shape[1:]) if out is None else out
             out = out.index_copy(0, rows, part)
         return out
+
+
+def _hide_base_layer(module, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _expose_base_layer(module, state_dict, prefix, *args) -> None:
+    inner = prefix + "base_layer."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
 
 
 WRAPPERS = {"linear": LinearLoRA, "conv2d": Conv2dLoRA, "experts": ExpertsLoRA}
@@ -187,17 +454,19 @@ def inject(model: nn.Module, targets: list[Target]) -> dict[str, tuple[LoRALayer
 
 @contextmanager
 def mounted(handles: dict[str, tuple[LoRALayer, str]], lora: LoRA):
-    """Mount ``lora`` on the wrapped targets for the duration of the block."""
+    """Mount ``lora`` on the wrapped targets for the duration of the block (see the module doc
+    for how its batch meets the input batch)."""
     missing = [name for name in handles if name not in lora.factors]
     if missing:
         raise KeyError(f"the LoRA has no factors for targets {missing[:5]}")
     busy = [name for name, (w, weight) in handles.items() if weight in w.factors]
     if busy:
         raise RuntimeError(f"a LoRA is already mounted on {busy[:3]}; leave that block first")
+    routing = Routing(lora.batch_size, lora.index)  # one per LoRA: its grouping is computed once
     try:
         for name, (wrapper, weight) in handles.items():
             a, b = lora.factors[name]
-            wrapper.factors[weight] = (a, b, lora.scale)
+            wrapper.factors[weight] = Mounted(a, b, lora.scale, routing)
         yield
     finally:
         for wrapper, weight in handles.values():
