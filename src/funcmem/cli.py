@@ -44,6 +44,56 @@ def cmd_toy(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    import torch
+
+    from funcmem.editing.benchmark import BenchmarkConfig, run
+    from funcmem.editing.report import write_report
+
+    overrides = {"images": args.images, "device": args.device, "cache_dir": args.cache_dir}
+    if args.steps:
+        overrides["steps"] = args.steps
+    cfg = BenchmarkConfig.quick(**overrides) if args.quick else BenchmarkConfig(**overrides)
+    if args.condition:
+        cfg.conditions = [args.condition] + [c for c in cfg.conditions if c != args.condition]
+    results = run(cfg, args.out)
+    figures = torch.load(Path(args.out) / "figures.pt", weights_only=False)  # written by this run just now
+    write_report(Path(args.out), results, figures)
+    (Path(args.out) / "figures.pt").unlink()
+    m = results["methods"]
+    print("\n".join(f"{k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}" for k, v in m.items()))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from funcmem.editing.benchmark import evaluate_run
+
+    result = evaluate_run(args.run, args.images, args.out)
+    for k, v in result["methods"].items():
+        print(f"{k:28s} PSNR {v['psnr']:6.2f}  SSIM {v['ssim']:.3f}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from funcmem.editing.apply import edit_image, read_image, write_image
+    from funcmem.editing.benchmark import load_run
+
+    image = read_image(args.image)
+    out = edit_image(load_run(args.run), image, args.instruction, args.method)
+    write_image(out, args.output)
+    print(f"wrote {args.output} ({out.shape[2]}x{out.shape[1]})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Dynamic-LoRA benchmarks: ratios measured in one process, written to bench.json."""
+    from funcmem.bench import run
+
+    run("smoke" if args.smoke else "quick" if args.quick else "full", args.out, args.device, args.threads, args.dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import funcmem
 
@@ -56,12 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--seed", type=int, default=0)
     toy.add_argument("--out", default="runs/toy")
     toy.set_defaults(func=cmd_toy)
-    demo = sub.add_parser("demo", help="the main demo (until the editing benchmark lands: the toy problem)")
-    demo.add_argument("--quick", action="store_true")
-    demo.add_argument("--steps", type=int, default=None)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the image-editing benchmark: every method, every analysis, a report")
+    demo.add_argument("--quick", action="store_true", help="under 10 minutes on 2 CPU cores")
     demo.add_argument("--out", default="runs/demo")
-    demo.set_defaults(func=lambda a: cmd_toy(argparse.Namespace(**{**vars(a), "steps": a.steps or (300 if a.quick else 1000)})))
+    demo.add_argument("--images", default=None, help="a folder of JPEG/PNG photos to use instead of the bundled ones")
+    demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    demo.add_argument("--condition", default=None, choices=["encoders", "base-hidden"],
+                      help="the generator's condition (default: encoders; the full run also reports base-hidden)")
+    demo.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
+    demo.add_argument("--cache-dir", default=None, help="where the pretrained base editor is cached")
+    demo.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("eval", help="evaluate a run's trained methods on another folder of photos")
+    ev.add_argument("--run", required=True)
+    ev.add_argument("--images", required=True)
+    ev.add_argument("--out", default=None, help="default: RUN/eval.json")
+    ev.set_defaults(func=cmd_eval)
+    ed = sub.add_parser("edit", help="edit one image with a run's generator")
+    ed.add_argument("--run", required=True)
+    ed.add_argument("image")
+    ed.add_argument("instruction")
+    ed.add_argument("-o", "--output", required=True)
+    ed.add_argument("--method", default="functional_memory")
+    ed.set_defaults(func=cmd_edit)
+    from funcmem.bench import add_arguments
+
+    bench = add_arguments(sub.add_parser("bench", help="dynamic-LoRA benchmarks (ratios, bench.json)"))
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -185,11 +185,13 @@ class Trainer:
         return {"step": self.step, "loss": loss.item(), "grad_norm": norm.item(),
                 "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in extra.items()}}
 
-    def fit(self, batches: Callable[[int], Any] | Iterable, resume: bool = False) -> list[dict]:
+    def fit(self, batches: Callable[[int], Any] | Iterable, resume: bool = False,
+            callback: Callable[["Trainer"], None] | None = None) -> list[dict]:
         """Train to ``config.steps``. ``batches`` is ``batch_fn(step)`` or an iterable.
 
         With ``resume=True`` it continues from the checkpoint in ``out_dir`` when there is one
-        (an iterable is advanced past the batches already used).
+        (an iterable is advanced past the batches already used). ``callback(trainer)`` runs
+        before the first step and after every step (``trainer.step`` says which).
         """
         cfg = self.config
         if cfg.out_dir:
@@ -203,6 +205,8 @@ class Trainer:
         batch_fn = batches if callable(batches) else _from_iterable(batches)
         self.module.train()
         start = time.perf_counter()
+        if callback:
+            callback(self)
         with tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=cfg.description,
                   dynamic_ncols=True) as bar:
             while self.step < cfg.steps:
@@ -213,6 +217,8 @@ class Trainer:
                     self._log({**record, "time": round(time.perf_counter() - start, 3)})
                 if cfg.out_dir and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                     self.save_checkpoint()
+                if callback:
+                    callback(self)
         return self.history
 
 

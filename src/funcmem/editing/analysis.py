@@ -1,0 +1,165 @@
+"""The paper's claims, measured: gradient conflict, conditional routing, the parameter manifold,
+storage and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .methods import mse_loss
+from .metrics import psnr
+from .ops import INVERSE_PAIRS
+
+
+def inverse_pairs(edit_names: list[str]) -> list[tuple[int, int]]:
+    return [(edit_names.index(a), edit_names.index(b)) for a, b in INVERSE_PAIRS if a in edit_names and b in edit_names]
+
+
+def _summary(matrix: torch.Tensor, pairs: list[tuple[int, int]]) -> dict:
+    k = matrix.shape[0]
+    off = matrix[~torch.eye(k, dtype=torch.bool)]
+    return {"matrix": matrix.tolist(), "mean_inverse_pairs": statistics.mean(matrix[i, j].item() for i, j in pairs),
+            "mean_all_pairs": off.mean().item()}
+
+
+class ConflictTracker:
+    """Per-edit gradients of a shared LoRA and their cosine matrix, at initialisation, halfway and
+    at the end of its training (a ``Trainer.fit`` callback)."""
+
+    def __init__(self, shared, data, condition: str, num_edits: int, cfg):
+        self.shared, self.num_edits, self.steps = shared, num_edits, cfg.steps
+        g = torch.Generator().manual_seed(1234)
+        ids = data.edit_ids.cpu()
+        self.batches = []
+        for k in range(num_edits):
+            rows = (ids == k).nonzero().flatten()
+            rows = rows[torch.randperm(len(rows), generator=g)[: cfg.conflict_samples]]
+            self.batches.append(data.batch(rows.to(data.inputs.device), condition))
+        self.by_step: dict[str, dict] = {}
+
+    def gradients(self) -> torch.Tensor:
+        """(num_edits, P): the flattened LoRA gradient of each edit's loss."""
+        params = [p for p in self.shared.parameters() if p.requires_grad]
+        rows = []
+        for batch in self.batches:
+            grads = torch.autograd.grad(mse_loss(self.shared, batch), params)
+            rows.append(torch.cat([g.flatten() for g in grads]))
+        return torch.stack(rows)
+
+    def __call__(self, trainer) -> None:
+        if trainer.step in (0, self.steps // 2, self.steps) and str(trainer.step) not in self.by_step:
+            g = F.normalize(self.gradients(), dim=1)
+            self.by_step[str(trainer.step)] = g @ g.T
+
+    def result(self, edit_names: list[str] | None = None) -> dict:
+        from .ops import EDITS
+
+        names = edit_names or list(EDITS)[: self.num_edits]
+        pairs = inverse_pairs(names)
+        end = self.by_step[str(self.steps)]
+        return {**_summary(end, pairs), "by_step": {s: _summary(m, pairs) for s, m in self.by_step.items()},
+                "paper_reference": -0.30}
+
+
+@torch.no_grad()
+def routing(memory, data, condition: str) -> dict:
+    """PSNR with the matched condition, another sample's instruction (a different edit, same image),
+    the condition averaged over all test samples, and no LoRA at all."""
+    ids = data.edit_ids
+    n = len(data)
+    # partner: the next sample (cyclically) whose edit differs
+    partner = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        j = (i + 1) % n
+        while ids[j] == ids[i]:
+            j = (j + 1) % n
+        partner[i] = j
+    conds = torch.cat([memory.condition(b) for b in data.chunks(condition)])  # (n, L, D)
+    text_streams = [k for k in data.raw[condition] if k.startswith("text")]
+    out = {"matched": [], "mismatched": [], "averaged": [], "no_lora": []}
+    mean_cond = conds.mean(0, keepdim=True)
+    for start in range(0, n, 128):
+        idx = torch.arange(start, min(start + 128, n))
+        batch = data.batch(idx.to(ids.device), condition)
+        swapped = dict(batch, raw={k: (data.raw[condition][k][partner[idx]] if k in text_streams else v)
+                                   for k, v in batch["raw"].items()})
+        target = batch["targets"]
+        out["matched"].append(psnr(memory.predict(batch), target))
+        out["mismatched"].append(psnr(memory.predict(batch, memory.condition(swapped)), target))
+        out["averaged"].append(psnr(memory.predict(batch, mean_cond.expand(len(idx), -1, -1)), target))
+        out["no_lora"].append(psnr(memory.fm.base(batch["inputs"], batch["text_states"], batch["text_mask"]), target))
+    return {k: torch.cat(v).mean().item() for k, v in out.items()}
+
+
+@torch.no_grad()
+def manifold(memory, data, condition: str, edit_names: list[str]) -> tuple[dict, dict]:
+    """Each test instance's generated LoRA, flattened: PCA and t-SNE (for the plot), silhouette by
+    edit, and how far apart inverse edits' clusters lie compared with any two edits' clusters."""
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    flat = torch.cat([memory.lora(b).flatten() for b in data.chunks(condition)]).float().cpu()
+    labels = data.edit_ids.cpu().numpy()
+    centered = flat - flat.mean(0)
+    u, s, v = torch.pca_lowrank(centered, q=min(50, min(centered.shape) - 1), center=False)
+    pcs = (centered @ v).numpy()  # (n, q)
+    explained = (s[:2] ** 2).sum().item() / centered.pow(2).sum().item()
+    tsne = TSNE(n_components=2, perplexity=min(30, len(flat) // 4), init="pca", random_state=0).fit_transform(pcs)
+    centroids = torch.stack([flat[torch.from_numpy(labels == k)].mean(0) for k in range(len(edit_names))])
+    dist = torch.cdist(centroids, centroids)
+    pairs = inverse_pairs(edit_names)
+    k = len(edit_names)
+    result = {"silhouette": float(silhouette_score(flat.numpy(), labels)),
+              "silhouette_pca50": float(silhouette_score(pcs, labels)),
+              "pca_explained_2d": explained,
+              "inverse_pair_distance": statistics.mean(dist[i, j].item() for i, j in pairs),
+              "mean_pair_distance": dist[~torch.eye(k, dtype=torch.bool)].mean().item(),
+              "lora_numbers_per_instance": flat.shape[1]}
+    return result, {"pca": pcs[:, :2], "tsne": np.asarray(tsne), "labels": labels, "names": edit_names}
+
+
+def storage(memory, bank, shared) -> dict:
+    """Bytes (float32) to keep each method's trained weights."""
+    size = lambda n: 4 * n
+    return {"functional_memory": size(memory.num_trainable_parameters()),
+            "per_task_loras": size(sum(l.num_trainable_parameters() for l in bank.loras)),
+            "one_shared_lora": size(shared.num_trainable_parameters()), "num_tasks": len(bank.loras)}
+
+
+@torch.no_grad()
+def edit_latency(memory, data, condition: str, repeats: int = 10) -> dict:
+    """Milliseconds for one image: generate its LoRA + mounted edit, and the base edit alone
+    (frozen features given; median of repeats)."""
+    batch = data.batch(torch.tensor([0], device=data.edit_ids.device), condition)
+    editor = memory.fm.base
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    gen = timed(lambda: memory.lora(batch))
+    full = timed(lambda: memory.predict(batch))
+    base = timed(lambda: editor(batch["inputs"], batch["text_states"], batch["text_mask"]))
+    return {"generate": gen, "generate_and_edit": full, "base_edit": base}
+
+
+@torch.no_grad()
+def sample_rows(data, condition: str, edit_names, base, shared, memory) -> dict:
+    """One test example per edit: input, target and each method's output (for edits.png)."""
+    rows = []
+    for k in range(len(edit_names)):
+        i = int((data.edit_ids == k).nonzero()[0])
+        b = data.batch(torch.tensor([i], device=data.edit_ids.device), condition)
+        rows.append({"edit": edit_names[k], "instruction": data.instructions[i],
+                     "images": [t[0].clamp(0, 1).cpu() for t in (b["inputs"], b["targets"], base.predict(b),
+                                                                 shared.predict(b), memory.predict(b))]})
+    return {"columns": ["input", "target", "base", "shared LoRA", "functional memory"], "rows": rows}

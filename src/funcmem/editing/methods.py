@@ -1,0 +1,138 @@
+"""The methods the editing benchmark compares, all on one frozen base editor.
+
+- ``base``: the editor alone;
+- ``SharedLoRA`` (from the core): one static LoRA; the ``_matched`` variant has a higher rank;
+- ``LoRABank``: one LoRA per edit; a sample picks its LoRA by the true edit label (the oracle
+  ``per_task_lora``) or by the nearest key to its condition (``retrieval_lora``);
+- ``EditingMemory``: functional memory: a condition projector + the generator.
+
+Every method is a module with ``predict(batch) -> (B, 3, S, S)``; a batch is a dict with
+``inputs``, ``targets``, ``text_states``, ``text_mask``, ``edit_ids`` and the raw condition
+streams under ``raw``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..generator import GeneratorConfig
+from ..lora import LoRA
+from ..memory import FunctionalMemory, SharedLoRA
+from .conditions import ConditionProjector
+from .editor import Editor
+
+
+def edit_with(editor: Editor, batch: dict, lora: LoRA | None = None, mount=None) -> Tensor:
+    """Run the editor on a batch, with ``lora`` mounted through ``mount`` (a method's ``mounted``)."""
+    args = (batch["inputs"], batch["text_states"], batch["text_mask"])
+    if lora is None:
+        return editor(*args)
+    with mount(lora):
+        return editor(*args)
+
+
+class Base(nn.Module):
+    def __init__(self, editor: Editor):
+        super().__init__()
+        self.editor = editor
+
+    def predict(self, batch: dict) -> Tensor:
+        return edit_with(self.editor, batch)
+
+
+class Shared(SharedLoRA):
+    """``SharedLoRA`` with the benchmark's ``predict``."""
+
+    def predict(self, batch: dict) -> Tensor:
+        return edit_with(self.base, batch, self.lora(), self.mounted)
+
+
+class LoRABank(nn.Module):
+    """K LoRAs on the same targets; sample i uses LoRA ``choice[i]``.
+
+    Args:
+        editor: the frozen base.
+        targets, rank, alpha: as ``SharedLoRA``.
+        num: K, one per edit.
+        route: "label" (oracle: the true edit id) or "retrieval" (nearest key, see ``set_keys``).
+    """
+
+    def __init__(self, editor: Editor, targets, rank: int, alpha: float, num: int):
+        super().__init__()
+        self.loras = nn.ModuleList(SharedLoRA(editor, targets, rank, alpha) for _ in range(num))
+        self.editor = editor
+        self.route = "label"
+        self.register_buffer("keys", torch.zeros(num, 1))
+
+    def lora(self, choice: Tensor) -> LoRA:
+        """Per-sample factors (B, ...) gathered from the bank by ``choice`` (B,)."""
+        parts = [l.lora() for l in self.loras]
+        return LoRA({name: (torch.cat([p.factors[name][0] for p in parts])[choice],
+                            torch.cat([p.factors[name][1] for p in parts])[choice])
+                     for name in parts[0].factors}, parts[0].scale)
+
+    def set_keys(self, pooled: Tensor, edit_ids: Tensor) -> None:
+        """Key k = mean pooled condition of edit k's training samples (pooled (n, F), unit rows)."""
+        self.keys = torch.stack([pooled[edit_ids == k].mean(0) for k in range(len(self.loras))])
+
+    def retrieve(self, pooled: Tensor) -> Tensor:
+        """Index of the nearest key by cosine, per sample: pooled (B, F) -> (B,)."""
+        return (F.normalize(pooled, dim=-1) @ F.normalize(self.keys, dim=-1).T).argmax(-1)
+
+    def choice(self, batch: dict) -> Tensor:
+        return batch["edit_ids"] if self.route == "label" else self.retrieve(batch["pooled"])
+
+    def predict(self, batch: dict) -> Tensor:
+        return edit_with(self.editor, batch, self.lora(self.choice(batch)), self.loras[0].mounted)
+
+    def num_parameters_per_lora(self) -> int:
+        return self.loras[0].num_trainable_parameters()
+
+
+class EditingMemory(nn.Module):
+    """Functional memory for the editor: raw condition -> projector -> generator -> LoRA.
+
+    Args:
+        editor: the frozen base.
+        raw_dims: the condition encoder's ``raw_dims``.
+        targets, rank, alpha: LoRA targets on the editor.
+        condition_dim: projector width = the generator's ``condition_dim``.
+        generator: generator size.
+    """
+
+    def __init__(self, editor: Editor, raw_dims: dict[str, int], targets, rank: int, alpha: float,
+                 condition_dim: int, generator: GeneratorConfig):
+        super().__init__()
+        self.projector = ConditionProjector(raw_dims, condition_dim)
+        self.fm = FunctionalMemory(editor, targets, rank, alpha, condition_dim, generator)
+
+    def condition(self, batch: dict) -> Tensor:
+        return self.projector(batch["raw"])
+
+    def lora(self, batch: dict, condition: Tensor | None = None) -> LoRA:
+        return self.fm.generate(self.condition(batch) if condition is None else condition)
+
+    def predict(self, batch: dict, condition: Tensor | None = None) -> Tensor:
+        return edit_with(self.fm.base, batch, self.lora(batch, condition), self.fm.mounted)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def pooled_condition(raw: dict[str, Tensor]) -> Tensor:
+    """One vector per sample for retrieval: each stream mean-pooled (over real tokens), L2-normalised,
+    concatenated. raw streams (B, L, F_s) -> (B, sum F_s)."""
+    parts = []
+    for name, x in raw.items():
+        if name.endswith("_mask"):
+            continue
+        mask = raw.get(f"{name}_mask")
+        m = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
+        parts.append(F.normalize((x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1), dim=-1))
+    return torch.cat(parts, dim=-1)
+
+
+def mse_loss(method: nn.Module, batch: dict) -> Tensor:
+    return F.mse_loss(method.predict(batch), batch["targets"])

@@ -1,0 +1,83 @@
+"""The editing benchmark end to end on a tiny run: results.json has every key, the report and
+pictures are written, and `funcmem edit` / `funcmem eval` work on the saved run."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from funcmem.cli import main
+from funcmem.editing.benchmark import BenchmarkConfig, matched_rank, mean_over_seeds, run
+from funcmem.editing.report import write_report
+
+METHOD_KEYS = {"base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = BenchmarkConfig.quick(train_examples=192, test_examples=72, steps=6, editor_steps=8, batch=8,
+                                cache_dir=str(tmp_path_factory.mktemp("cache")), scaling_depths=[1, 2],
+                                scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2})
+    results = run(cfg, out, progress=False)
+    figures = torch.load(out / "figures.pt", weights_only=False)
+    write_report(out, results, figures)
+    return out, cfg
+
+
+def test_results_json_has_every_key(tiny_run):
+    out, cfg = tiny_run
+    r = json.loads((out / "results.json").read_text())
+    assert len(r["tasks"]) >= 12
+    assert METHOD_KEYS <= set(r["methods"])
+    for m in METHOD_KEYS:
+        entry = r["methods"][m]
+        assert {"psnr", "ssim", "per_task", "psnr_std"} <= set(entry)
+        assert set(entry["per_task"]) == set(r["tasks"]) and math.isfinite(entry["psnr"])
+    assert {"matched", "mismatched", "averaged", "no_lora"} == set(r["routing"])
+    g = r["gradient_conflict"]
+    assert {"matrix", "mean_inverse_pairs", "mean_all_pairs", "by_step"} <= set(g)
+    assert sorted(g["by_step"], key=int) == ["0", "3", "6"]  # init, halfway, end
+    assert len(g["matrix"]) == len(r["tasks"])
+    assert -1 <= r["manifold"]["silhouette"] <= 1
+    assert set(r["scaling"]["depth"]) == {"1", "2"} and set(r["scaling"]["rank"]) == {"2", "4"}
+    assert r["params"]["shared_lora_matched"] >= r["params"]["functional_memory"]
+    assert {"generate", "generate_and_edit", "base_edit"} <= set(r["timing"]["edit_latency_ms"])
+    # no test photo is a train photo
+    assert not set(r["splits"]["train_photos"]) & set(r["splits"]["test_photos"])
+    for name in ("report.md", "edits.png", "conflict.png", "manifold.png", "scaling.png", "manifest.json"):
+        assert (out / name).is_file(), name
+
+
+def test_edit_command_keeps_the_input_size(tiny_run, tmp_path):
+    out, _ = tiny_run
+    src = tmp_path / "in.png"
+    Image.fromarray((torch.rand(45, 70, 3) * 255).byte().numpy()).save(src)
+    dst = tmp_path / "out.png"
+    assert main(["edit", "--run", str(out), str(src), "make it brighter", "-o", str(dst)]) == 0
+    assert Image.open(dst).size == (70, 45)
+
+
+def test_eval_command_on_another_folder(tiny_run, tmp_path):
+    out, _ = tiny_run
+    for i in range(2):
+        Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / f"p{i}.png")
+    assert main(["eval", "--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "e.json")]) == 0
+    table = json.loads((tmp_path / "e.json").read_text())["methods"]
+    assert METHOD_KEYS <= set(table)
+
+
+def test_matched_rank_reaches_the_generator_size():
+    class T:
+        in_features, out_features = 96, 288
+
+    assert matched_rank(10_000, [T()]) == math.ceil(10_000 / 384)
+
+
+def test_seed_aggregation():
+    runs = [{"psnr": 20.0, "ssim": 0.5, "per_task": {"a": {"psnr": 20.0, "ssim": 0.5}}},
+            {"psnr": 22.0, "ssim": 0.7, "per_task": {"a": {"psnr": 22.0, "ssim": 0.7}}}]
+    m = mean_over_seeds(runs)
+    assert m["psnr"] == 21.0 and m["psnr_std"] == pytest.approx(2 ** 0.5) and m["per_task"]["a"]["psnr"] == 21.0
