@@ -11,6 +11,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 
+def config_from_dict(cls, d: dict):
+    """Build a config dataclass from a dict; unknown fields are an error naming them and the known ones."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then fsync and rename over ``path``: readers never see half a file."""
     path = Path(path)

@@ -104,3 +104,25 @@ def test_projector_rejects_wrong_widths():
         proj({"image": torch.randn(1, 16, 100)})
     with pytest.raises(KeyError, match="image"):
         proj({"text": torch.randn(1, 4, 1280)})
+
+
+def test_projector_standardises_with_training_statistics():
+    """After set_statistics the projector sees each stream feature-wise centred and scaled
+    (the common component of instruction embeddings removed), masked positions ignored."""
+    import torch
+
+    from funcmem.editing.conditions import ConditionProjector
+
+    torch.manual_seed(0)
+    text = 5 + 3 * torch.randn(64, 4, 8)
+    mask = torch.ones(64, 4, dtype=torch.bool)
+    mask[:, 3] = False
+    text[:, 3] = 1000.0  # padding: must not enter the statistics
+    proj = ConditionProjector({"text": 8}, 16)
+    proj.set_statistics({"text": text, "text_mask": mask})
+    assert torch.allclose(proj.text_mean, text[:, :3].reshape(-1, 8).mean(0))
+    seen = []
+    proj.streams["text"].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    proj({"text": text, "text_mask": mask})
+    real = seen[0][:, :3].reshape(-1, 8)
+    assert real.mean(0).abs().max() < 1e-4 and (real.std(0) - 1).abs().max() < 1e-2

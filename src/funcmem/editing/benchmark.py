@@ -53,8 +53,8 @@ class BenchmarkConfig:
     lr_lora: float = 3e-3
     lr_generator: float = 1e-3  # below the LoRA's: a faster generator collapsed in a feasibility study
     condition_dim: int = 64
-    generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=32,
-                                                                     dim_accumulation=2).to_dict())
+    generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
+                                                                     dim_accumulation=4).to_dict())
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
     conditions: list = field(default_factory=lambda: ["encoders", "base-hidden"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
@@ -200,11 +200,16 @@ def matched_rank(memory_params: int, targets) -> int:
     return max(1, math.ceil(memory_params / per_rank))
 
 
-def make_memory(editor, raw_dims, cfg: BenchmarkConfig, seed: int, **gen_changes) -> EditingMemory:
+def make_memory(editor, train_raw: dict[str, Tensor], raw_dims, cfg: BenchmarkConfig, seed: int,
+                **gen_changes) -> EditingMemory:
+    """A fresh generator whose projector standardises with the training features' statistics."""
     torch.manual_seed(seed)
     rank = gen_changes.pop("rank", cfg.rank)
-    return EditingMemory(editor, raw_dims, cfg.targets, rank, cfg.alpha * rank / cfg.rank, cfg.condition_dim,
-                         cfg.generator_config(**gen_changes)).to(cfg.device)
+    gen_changes.setdefault("dim_accumulation", math.gcd(rank, cfg.generator["dim_accumulation"]))  # must divide r
+    memory = EditingMemory(editor, raw_dims, cfg.targets, rank, cfg.alpha * rank / cfg.rank, cfg.condition_dim,
+                           cfg.generator_config(**gen_changes)).to(cfg.device)
+    memory.projector.set_statistics(train_raw)
+    return memory
 
 
 def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
@@ -242,12 +247,12 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
         torch.manual_seed(seed)
         first = seed == cfg.seeds[0]
         with timer.stage("functional_memory"):
-            memory = make_memory(editor, raw_dims[main_cond], cfg, seed)
+            memory = make_memory(editor, train_set.raw[main_cond], raw_dims[main_cond], cfg, seed)
             train(memory, train_set, main_cond, cfg, cfg.lr_generator, seed, f"functional memory (seed {seed})")
             evals["functional_memory"].append(evaluate(memory, test_set, main_cond, edit_names))
         for cond in cfg.conditions[1:]:
             with timer.stage(f"functional_memory[{cond}]"):
-                other = make_memory(editor, raw_dims[cond], cfg, seed)
+                other = make_memory(editor, train_set.raw[cond], raw_dims[cond], cfg, seed)
                 train(other, train_set, cond, cfg, cfg.lr_generator, seed, f"functional memory [{cond}] (seed {seed})")
                 evals[f"functional_memory[{cond}]"].append(evaluate(other, test_set, cond, edit_names))
         with timer.stage("shared_lora"):
@@ -321,14 +326,14 @@ def scaling(editor, raw_dims, train_set, test_set, cond, cfg: BenchmarkConfig, m
         if depth == main_depth:
             out["depth"][str(depth)] = main_psnr
             continue
-        memory = make_memory(editor, raw_dims, cfg, seed, depth=depth)
+        memory = make_memory(editor, train_set.raw[cond], raw_dims, cfg, seed, depth=depth)
         train(memory, train_set, cond, cfg, cfg.lr_generator, seed, f"scaling: depth {depth}")
         out["depth"][str(depth)] = evaluate(memory, test_set, cond, edit_names)["psnr"]
     for rank in cfg.scaling_ranks:
         if rank == cfg.rank:
             out["rank"][str(rank)] = main_psnr
             continue
-        memory = make_memory(editor, raw_dims, cfg, seed, rank=rank)
+        memory = make_memory(editor, train_set.raw[cond], raw_dims, cfg, seed, rank=rank)
         train(memory, train_set, cond, cfg, cfg.lr_generator, seed, f"scaling: rank {rank}")
         out["rank"][str(rank)] = evaluate(memory, test_set, cond, edit_names)["psnr"]
     return out
@@ -358,7 +363,7 @@ def load_run(run: str | Path, device: str = "cpu") -> dict:
     run = Path(run)
     if not (run / "config.json").is_file():
         raise FileNotFoundError(f"{run} is not a benchmark run directory (no config.json); run `funcmem demo` first")
-    cfg = BenchmarkConfig(**json.loads((run / "config.json").read_text()))
+    cfg = io.config_from_dict(BenchmarkConfig, json.loads((run / "config.json").read_text()))
     editor = Editor(EditorConfig.from_dict(json.loads((run / "editor.json").read_text())))
     editor.load_state_dict(io.read_safetensors(run / "editor.safetensors"))
     editor.requires_grad_(False).eval()

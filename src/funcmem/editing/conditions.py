@@ -259,6 +259,23 @@ class ConditionProjector(nn.Module):
         self.dim = dim
         self.streams = nn.ModuleDict(
             {name: nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim)) for name, d in self.raw_dims.items()})
+        for name, d in self.raw_dims.items():  # identity until ``set_statistics``
+            self.register_buffer(f"{name}_mean", torch.zeros(d))
+            self.register_buffer(f"{name}_std", torch.ones(d))
+
+    @torch.no_grad()
+    def set_statistics(self, raw: dict[str, Tensor]) -> None:
+        """Standardise each stream feature-wise with these (training) features' mean and std.
+
+        Raw encoder features of different instructions share a large common component (MiniLM
+        embeddings of opposite edits have cosine 0.5-0.7); removing it before the projection is
+        what let the generator's output depend on the instruction in our runs.
+        """
+        for name in self.raw_dims:
+            x, mask = raw[name], raw.get(f"{name}_mask")
+            flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+            getattr(self, f"{name}_mean").copy_(flat.mean(0))
+            getattr(self, f"{name}_std").copy_(flat.std(0) + 1e-4)
 
     def forward(self, raw: dict[str, Tensor]) -> Tensor:
         parts = []
@@ -269,7 +286,8 @@ class ConditionProjector(nn.Module):
             x = x[:, None] if x.dim() == 2 else x
             if x.dim() != 3 or x.shape[-1] != d:
                 raise ValueError(f"stream {name!r} must be (B, L, {d}), got {tuple(raw[name].shape)}")
-            y = self.streams[name](x.float())  # (B, L_s, dim)
+            x = (x.float() - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std")
+            y = self.streams[name](x)  # (B, L_s, dim)
             mask = raw.get(f"{name}_mask")
             if mask is not None:
                 y = y * mask[..., None].to(y.dtype)

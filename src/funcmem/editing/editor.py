@@ -25,12 +25,14 @@ LoRA targets are named per block, e.g. ``blocks.*.img_attn.qkv`` or ``blocks.*.t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from ..io import config_from_dict
 
 
 @dataclass
@@ -73,11 +75,7 @@ class EditorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown EditorConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def sincos_2d(grid: int, width: int) -> tuple[Tensor, Tensor]:
