@@ -55,11 +55,8 @@ class ConflictTracker:
             g = F.normalize(self.gradients(), dim=1)
             self.by_step[str(trainer.step)] = g @ g.T
 
-    def result(self, edit_names: list[str] | None = None) -> dict:
-        from .ops import EDITS
-
-        names = edit_names or list(EDITS)[: self.num_edits]
-        pairs = inverse_pairs(names)
+    def result(self, edit_names: list[str]) -> dict:
+        pairs = inverse_pairs(edit_names)
         end = self.by_step[str(self.steps)]
         return {**_summary(end, pairs), "by_step": {s: _summary(m, pairs) for s, m in self.by_step.items()},
                 "paper_reference": -0.30}

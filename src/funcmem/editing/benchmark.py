@@ -243,6 +243,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
     evals: dict[str, list[dict]] = {m: [] for m in METHODS}
     evals.update({f"functional_memory[{c}]": [] for c in cfg.conditions[1:]})
     kept, conflict, params = {}, None, {}
+    base_eval = evaluate(Base(editor), test_set, main_cond, edit_names)  # frozen: the same for every seed
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         first = seed == cfg.seeds[0]
@@ -278,7 +279,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
             bank.route = "retrieval"
             evals["retrieval_lora"].append(evaluate(bank, test_set, main_cond, edit_names))
             bank.route = "label"
-        evals["base"].append(evaluate(Base(editor), test_set, main_cond, edit_names))
+        evals["base"].append(base_eval)
         if first:
             kept = {"memory": memory, "shared": shared, "matched": matched, "bank": bank}
             params = {"base_editor": editor.count_parameters(),

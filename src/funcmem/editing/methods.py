@@ -67,11 +67,10 @@ class LoRABank(nn.Module):
         self.register_buffer("keys", torch.zeros(num, 1))
 
     def lora(self, choice: Tensor) -> LoRA:
-        """Per-sample factors (B, ...) gathered from the bank by ``choice`` (B,)."""
-        parts = [l.lora() for l in self.loras]
-        return LoRA({name: (torch.cat([p.factors[name][0] for p in parts])[choice],
-                            torch.cat([p.factors[name][1] for p in parts])[choice])
-                     for name in parts[0].factors}, parts[0].scale)
+        """The bank's K factor rows with ``index=choice`` (B,): samples sharing an edit share a row,
+        and the mounting code may apply each row once to its group (the segmented path)."""
+        stacked = LoRA.cat([l.lora() for l in self.loras])  # (K, ...) factor rows
+        return LoRA(stacked.factors, stacked.scale, index=choice)
 
     def set_keys(self, pooled: Tensor, edit_ids: Tensor) -> None:
         """Key k = mean pooled condition of edit k's training samples (pooled (n, F), unit rows)."""
