@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -94,6 +95,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# Modules that add their own subcommands: each defines ``add_commands(subparsers)``.
+COMMAND_MODULES: list[str] = [
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     import funcmem
 
@@ -132,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = add_arguments(sub.add_parser("bench", help="dynamic-LoRA benchmarks (ratios, bench.json)"))
     bench.set_defaults(func=cmd_bench)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 
