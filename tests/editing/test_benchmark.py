@@ -36,6 +36,10 @@ def test_results_json_has_every_key(tiny_run):
         entry = r["methods"][m]
         assert {"psnr", "ssim", "per_task", "psnr_std"} <= set(entry)
         assert set(entry["per_task"]) == set(r["tasks"]) and math.isfinite(entry["psnr"])
+    # the same methods on seen phrasings of the test photos, and the instruction probe
+    assert METHOD_KEYS <= set(r["methods_seen_phrasings"])
+    assert set(r["instruction_probe"]) == {"held_out_phrasings", "seen_phrasings"}
+    assert all(0 <= v <= 1 for v in r["instruction_probe"].values())
     assert {"matched", "mismatched", "averaged", "no_lora"} == set(r["routing"])
     g = r["gradient_conflict"]
     assert {"matrix", "mean_inverse_pairs", "mean_all_pairs", "by_step"} <= set(g)

@@ -71,8 +71,12 @@ def test_default_encoder_streams(text_encoder, image_encoder):
     raw = enc.raw(torch.rand(3, 3, 32, 32), ["flip it", "blur it", "add noise"])
     assert raw["text"].shape == (3, 16, 384) and raw["text_mask"].shape == (3, 16)
     assert raw["image"].shape == (3, 16, 1280)
+    # the pooled stream is the sentence embedding: unit rows, equal to TextEncoder.embed
+    assert raw["text_pooled"].shape == (3, 384)
+    assert torch.allclose(raw["text_pooled"], text_encoder.embed(["flip it", "blur it", "add noise"]))
+    assert torch.allclose(raw["text_pooled"].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert not any(v.requires_grad for v in raw.values())
-    assert ConditionProjector(enc.raw_dims, 64)(raw).shape == (3, 32, 64)
+    assert ConditionProjector(enc.raw_dims, 64)(raw).shape == (3, 16 + 1 + 16, 64)
 
 
 def test_base_hidden_encoder_streams(text_encoder):

@@ -160,3 +160,21 @@ def sample_rows(data, condition: str, edit_names, base, shared, memory) -> dict:
                      "images": [t[0].clamp(0, 1).cpu() for t in (b["inputs"], b["targets"], base.predict(b),
                                                                  shared.predict(b), memory.predict(b))]})
     return {"columns": ["input", "target", "base", "shared LoRA", "functional memory"], "rows": rows}
+
+
+@torch.no_grad()
+def instruction_probe(text_encoder, train_set, *eval_sets) -> list[float]:
+    """How well the instruction alone names its edit: nearest-centroid accuracy of MiniLM sentence
+    embeddings (centroids from the training instructions), one value per evaluation set.
+
+    This bounds what any method that reads the instruction through MiniLM can know about the edit;
+    the per-task oracle is told the edit instead.
+    """
+    def embed(data):
+        return F.normalize(text_encoder.embed(list(data.instructions)).cpu(), dim=-1)
+
+    ids = train_set.edit_ids.cpu()
+    emb = embed(train_set)
+    centroids = F.normalize(torch.stack([emb[ids == k].mean(0) for k in ids.unique()]), dim=-1)
+    keys = ids.unique()
+    return [(keys[(embed(d) @ centroids.T).argmax(-1)] == d.edit_ids.cpu()).float().mean().item() for d in eval_sets]

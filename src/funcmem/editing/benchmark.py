@@ -46,7 +46,7 @@ class BenchmarkConfig:
     size: int = 32
     train_examples: int = 3072
     test_examples: int = 576
-    steps: int = 1500
+    steps: int = 1200  # the full run: 3 seeds x 2 conditions in under an hour on 2 cores
     batch: int = 16
     rank: int = 4
     alpha: float = 4.0
@@ -179,14 +179,14 @@ class Timer:
 
 
 def train(method, data: EditSet, condition: str, cfg: BenchmarkConfig, lr: float, seed: int, name: str,
-          callback=None):
+          callback=None, loss_fn=mse_loss):
     """Train one method with the shared settings; batches are a function of (seed, step)."""
     def batch_fn(step: int) -> dict:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         return data.batch(torch.randint(len(data), (cfg.batch,), generator=g).to(data.inputs.device), condition)
 
     warmup = max(1, cfg.steps // 20)
-    trainer = Trainer(method, mse_loss, TrainConfig(steps=cfg.steps, lr=lr, warmup_steps=warmup, grad_clip=1.0,
+    trainer = Trainer(method, loss_fn, TrainConfig(steps=cfg.steps, lr=lr, warmup_steps=warmup, grad_clip=1.0,
                                                     description=name, log_every=max(1, cfg.steps // 20)))
     method.train()
     trainer.fit(batch_fn, callback=callback)
@@ -224,6 +224,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
         train_photos, test_photos = photo_split(cfg.images, cfg.data_seed)
         train_ex = make_examples(train_photos, edit_names, cfg.train_examples, cfg.size, "train", cfg.data_seed)
         test_ex = make_examples(test_photos, edit_names, cfg.test_examples, cfg.size, "test", cfg.data_seed + 1)
+        # the same test photos with training phrasings: separates "unseen photo" from "unseen wording"
+        seen_ex = make_examples(test_photos, edit_names, cfg.test_examples, cfg.size, "train", cfg.data_seed + 2)
     with timer.stage("base_editor"):
         text_encoder = TextEncoder()
         editor_cfg = EditorConfig.from_dict({**cfg.editor, "image_size": cfg.size})
@@ -237,31 +239,39 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
             encoders["base-hidden"] = BaseHiddenEncoder(editor, text_encoder)
         train_set = build_set(train_ex, text_encoder, encoders, editor_cfg, device)
         test_set = build_set(test_ex, text_encoder, encoders, editor_cfg, device)
+        seen_set = build_set(seen_ex, text_encoder, encoders, editor_cfg, device)
     main_cond = cfg.conditions[0]
     raw_dims = {name: enc.raw_dims for name, enc in encoders.items()}
 
     evals: dict[str, list[dict]] = {m: [] for m in METHODS}
     evals.update({f"functional_memory[{c}]": [] for c in cfg.conditions[1:]})
+    seen = {m: [] for m in evals}  # the same methods on seen phrasings
+
+    def record(name: str, method, cond: str = main_cond) -> None:
+        evals[name].append(evaluate(method, test_set, cond, edit_names))
+        seen[name].append(evaluate(method, seen_set, cond, edit_names))
+
     kept, conflict, params = {}, None, {}
-    base_eval = evaluate(Base(editor), test_set, main_cond, edit_names)  # frozen: the same for every seed
+    base_eval = (evaluate(Base(editor), test_set, main_cond, edit_names),  # frozen: the same for every seed
+                 evaluate(Base(editor), seen_set, main_cond, edit_names))
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         first = seed == cfg.seeds[0]
         with timer.stage("functional_memory"):
             memory = make_memory(editor, train_set.raw[main_cond], raw_dims[main_cond], cfg, seed)
             train(memory, train_set, main_cond, cfg, cfg.lr_generator, seed, f"functional memory (seed {seed})")
-            evals["functional_memory"].append(evaluate(memory, test_set, main_cond, edit_names))
+            record("functional_memory", memory)
         for cond in cfg.conditions[1:]:
             with timer.stage(f"functional_memory[{cond}]"):
                 other = make_memory(editor, train_set.raw[cond], raw_dims[cond], cfg, seed)
                 train(other, train_set, cond, cfg, cfg.lr_generator, seed, f"functional memory [{cond}] (seed {seed})")
-                evals[f"functional_memory[{cond}]"].append(evaluate(other, test_set, cond, edit_names))
+                record(f"functional_memory[{cond}]", other, cond)
         with timer.stage("shared_lora"):
             torch.manual_seed(seed)
             shared = Shared(editor, cfg.targets, cfg.rank, cfg.alpha).to(device)
             tracker = analysis.ConflictTracker(shared, train_set, main_cond, len(edit_names), cfg) if first else None
             train(shared, train_set, main_cond, cfg, cfg.lr_lora, seed, f"shared LoRA (seed {seed})", tracker)
-            evals["shared_lora"].append(evaluate(shared, test_set, main_cond, edit_names))
+            record("shared_lora", shared)
             if tracker:
                 conflict = tracker.result(edit_names)
         with timer.stage("shared_lora_matched"):
@@ -269,17 +279,18 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
             torch.manual_seed(seed)
             matched = Shared(editor, cfg.targets, rank, cfg.alpha * rank / cfg.rank).to(device)
             train(matched, train_set, main_cond, cfg, cfg.lr_lora, seed, f"shared LoRA rank {rank} (seed {seed})")
-            evals["shared_lora_matched"].append(evaluate(matched, test_set, main_cond, edit_names))
+            record("shared_lora_matched", matched)
         with timer.stage("per_task_lora"):
             torch.manual_seed(seed)
             bank = LoRABank(editor, cfg.targets, cfg.rank, cfg.alpha, len(edit_names)).to(device)
             train(bank, train_set, main_cond, cfg, cfg.lr_lora, seed, f"per-task LoRAs (seed {seed})")
-            evals["per_task_lora"].append(evaluate(bank, test_set, main_cond, edit_names))
+            record("per_task_lora", bank)
             bank.set_keys(train_set.pooled[main_cond], train_set.edit_ids)
             bank.route = "retrieval"
-            evals["retrieval_lora"].append(evaluate(bank, test_set, main_cond, edit_names))
+            record("retrieval_lora", bank)
             bank.route = "label"
-        evals["base"].append(base_eval)
+        evals["base"].append(base_eval[0])
+        seen["base"].append(base_eval[1])
         if first:
             kept = {"memory": memory, "shared": shared, "matched": matched, "bank": bank}
             params = {"base_editor": editor.count_parameters(),
@@ -296,6 +307,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
     memory, bank = kept["memory"], kept["bank"]
     results = {"tasks": edit_names, "inverse_pairs": [list(p) for p in analysis.inverse_pairs(edit_names)],
                "config": asdict(cfg), "methods": {m: mean_over_seeds(v) for m, v in evals.items() if v},
+               "methods_seen_phrasings": {m: mean_over_seeds(v) for m, v in seen.items() if v},
                "params": params, "gradient_conflict": conflict,
                "splits": {"train_photos": [p.name for p in train_photos], "test_photos": [p.name for p in test_photos],
                           "train_examples": len(train_set), "test_examples": len(test_set)},
@@ -303,6 +315,10 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
     with timer.stage("analyses"):
         results["routing"] = analysis.routing(memory, test_set, main_cond)
         results["retrieval_accuracy"] = (bank.retrieve(test_set.pooled[main_cond]) == test_set.edit_ids).float().mean().item()
+        results["retrieval_accuracy_seen_phrasings"] = (
+            bank.retrieve(seen_set.pooled[main_cond]) == seen_set.edit_ids).float().mean().item()
+        results["instruction_probe"] = dict(zip(("held_out_phrasings", "seen_phrasings"),
+                                                analysis.instruction_probe(text_encoder, train_set, test_set, seen_set)))
         results["manifold"], manifold_points = analysis.manifold(memory, test_set, main_cond, edit_names)
         results["storage"] = analysis.storage(memory, bank, kept["shared"])
     with timer.stage("scaling"):
@@ -372,10 +388,17 @@ def load_run(run: str | Path, device: str = "cpu") -> dict:
     text_encoder = TextEncoder()
     encoder = MiniLMEfficientNet(text_encoder) if cond == "encoders" else BaseHiddenEncoder(editor, text_encoder)
     gen_cfg = json.loads((run / "functional_memory" / "config.json").read_text())
-    memory = EditingMemory(editor, encoder.raw_dims, cfg.targets, gen_cfg["rank"], gen_cfg["alpha"],
+    projector_state = io.read_safetensors(run / "functional_memory" / "projector.safetensors")
+    trained_streams = {k.split(".")[1] for k in projector_state if k.startswith("streams.")}
+    unknown = trained_streams - set(encoder.raw_dims)
+    if unknown:
+        raise ValueError(f"{run}: the generator was trained on condition streams {sorted(unknown)} that the "
+                         f"{cond!r} encoder does not produce (it has {sorted(encoder.raw_dims)})")
+    raw_dims = {k: d for k, d in encoder.raw_dims.items() if k in trained_streams}  # runs of older versions lack some
+    memory = EditingMemory(editor, raw_dims, cfg.targets, gen_cfg["rank"], gen_cfg["alpha"],
                            gen_cfg["condition_dim"], GeneratorConfig.from_dict(gen_cfg["generator"]))
     memory.fm.generator.load_state_dict(io.read_safetensors(run / "functional_memory" / "model.safetensors"))
-    memory.projector.load_state_dict(io.read_safetensors(run / "functional_memory" / "projector.safetensors"))
+    memory.projector.load_state_dict(projector_state)
     shared = Shared.from_pretrained(run / "shared_lora", editor)
     matched = Shared.from_pretrained(run / "shared_lora_matched", editor)
     state = io.read_safetensors(run / "per_task_lora.safetensors")

@@ -197,7 +197,9 @@ class MiniLMEfficientNet:
         text_encoder, image_encoder: reuse loaded encoders (default: load them).
         max_tokens: instruction tokens kept (see ``TextEncoder.encode``).
 
-    Streams: ``text`` (B, max_tokens, 384) with ``text_mask``, and ``image`` (B, 16, 1280).
+    Streams: ``text`` (B, max_tokens, 384) with ``text_mask``; ``text_pooled`` (B, 384), the
+    sentence embedding (MiniLM's intended output: mean pooling over the whole instruction); and
+    ``image`` (B, 16, 1280).
     """
 
     def __init__(self, text_encoder: TextEncoder | None = None, image_encoder: ImageEncoder | None = None,
@@ -205,14 +207,16 @@ class MiniLMEfficientNet:
         self.text_encoder = text_encoder or TextEncoder()
         self.image_encoder = image_encoder or ImageEncoder()
         self.max_tokens = max_tokens
-        self.raw_dims = {"text": self.text_encoder.dim, "image": self.image_encoder.dim}
+        self.raw_dims = {"text": self.text_encoder.dim, "text_pooled": self.text_encoder.dim,
+                         "image": self.image_encoder.dim}
 
     @torch.no_grad()
     def raw(self, images: Tensor, instructions: list[str]) -> dict[str, Tensor]:
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(instructions)} instructions")
         text, mask = self.text_encoder.encode(instructions, self.max_tokens)
-        return {"text": text, "text_mask": mask, "image": self.image_encoder.encode(images)}
+        return {"text": text, "text_mask": mask, "text_pooled": self.text_encoder.embed(instructions),
+                "image": self.image_encoder.encode(images)}
 
 
 class BaseHiddenEncoder:

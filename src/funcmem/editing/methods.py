@@ -122,11 +122,12 @@ class EditingMemory(nn.Module):
 
 def pooled_condition(raw: dict[str, Tensor]) -> Tensor:
     """One vector per sample for retrieval: each stream mean-pooled (over real tokens), L2-normalised,
-    concatenated. raw streams (B, L, F_s) -> (B, sum F_s)."""
+    concatenated. raw streams (B, L, F_s) or (B, F_s) -> (B, sum F_s)."""
     parts = []
     for name, x in raw.items():
         if name.endswith("_mask"):
             continue
+        x = x[:, None] if x.dim() == 2 else x
         mask = raw.get(f"{name}_mask")
         m = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.float()
         parts.append(F.normalize((x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1), dim=-1))
