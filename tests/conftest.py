@@ -6,7 +6,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if "OMP_NUM_THREADS" not in os.environ:  # on a shared machine, OMP_NUM_THREADS=1 keeps training tests fast
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 

@@ -1,14 +1,34 @@
-"""Files: atomic writes and safetensors directories (single file or sharded with an index)."""
+"""Files: atomic writes and safetensors directories (single file or sharded with an index).
+
+Safety rules every reader in funcmem follows:
+
+- only safetensors and JSON are read by default; a pickle-based file (``.pt``, ``.pth``, ``.bin``,
+  ``.ckpt``, ``.pkl``) is refused with ``PickleRefusedError`` unless the caller passes
+  ``allow_pickle=True``, and even then it is read with ``torch.load(weights_only=True)``;
+- every file is written atomically (``atomic_write``: a temporary file in the same folder,
+  fsync, rename, fsync of the folder), so a reader sees the old file or the new one, never half;
+- safetensors headers record every tensor's byte range, so a truncated file is refused
+  (``read_safetensors``), and ``file_sha256`` lets an index record a whole file's checksum.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "model.pt", "model.pth", "model.bin")  # looked for in a directory
+
+
+class PickleRefusedError(ValueError):
+    """A pickle-based weights file, refused: unpickling can run arbitrary code."""
 
 
 def config_from_dict(cls, d: dict):
@@ -53,6 +73,85 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON file; a missing or damaged one fails with the file's name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path} as JSON: {e}") from e
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_tensors(path: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """A state dict from a safetensors file or, only with ``allow_pickle=True``, a torch pickle.
+
+    Args:
+        path: a ``.safetensors`` file, or a pickle-based one (``PICKLE_SUFFIXES``).
+        allow_pickle: read a pickle with ``torch.load(weights_only=True)`` (tensors and plain
+            containers only). Without it a pickle is refused before a byte of it is unpickled.
+
+    Raises:
+        PickleRefusedError: a pickle and ``allow_pickle`` is False.
+        ValueError: a damaged file, or a pickle holding anything but tensors (named in the message).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return read_safetensors(path)
+    if not allow_pickle:
+        raise PickleRefusedError(f"refusing to load {path}: {path.suffix} files are pickles, and unpickling can run "
+                                 "arbitrary code. Convert it to safetensors, or pass allow_pickle=True if you trust "
+                                 "its source (it is then read with torch.load(weights_only=True))")
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        state = torch_load(path)
+    except Exception as e:  # pickle.UnpicklingError for a forbidden global, EOFError/RuntimeError when damaged
+        raise ValueError(f"cannot load {path} with torch.load(weights_only=True): {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
+NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct", "numpy._core.multiarray.scalar")
+
+
+def torch_load(path: str | Path, allow_numpy: bool = False):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only.
+
+    With ``allow_numpy`` numeric numpy arrays are allowed too (the globals that rebuild an
+    ``ndarray``, and the ``numpy.dtypes`` classes except object arrays, which hold pickles).
+    """
+    import importlib
+
+    extra = []
+    if allow_numpy:
+        import numpy as np
+
+        for name in NUMPY_GLOBALS:
+            module, _, attr = name.rpartition(".")
+            try:
+                extra.append(getattr(importlib.import_module(module), attr))
+            except ImportError:  # numpy < 2 names it numpy.core
+                extra.append(getattr(importlib.import_module(module.replace("_core", "core")), attr))
+        extra += [getattr(np.dtypes, n) for n in dir(np.dtypes)  # numeric and bool dtypes: no pickled objects
+                  if n.endswith("DType") and n not in ("ObjectDType", "VoidDType", "StringDType")]
+    with torch.serialization.safe_globals(extra):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:
     """Load a safetensors file; a damaged one fails with the file's name."""
     try:
@@ -61,12 +160,29 @@ def read_safetensors(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"cannot read {path} as safetensors: {e}") from e
 
 
-def load_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
-    """``model.safetensors``, or every shard named in ``model.safetensors.index.json``."""
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file's header; a damaged file fails with its name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as safetensors: {e}") from e
+
+
+def load_safetensors_dir(path: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """``model.safetensors``, or every shard named in ``model.safetensors.index.json``.
+
+    A directory with only pickle weights (``PICKLE_WEIGHTS``) is refused unless ``allow_pickle``
+    (see ``load_tensors``).
+    """
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map")
         state = {}
         for shard in sorted(set(weight_map.values())):
             state.update(read_safetensors(path / shard))
@@ -76,5 +192,8 @@ def load_safetensors_dir(path: str | Path) -> dict[str, Tensor]:
         return state
     single = path / "model.safetensors"
     if not single.is_file():
+        pickled = [path / name for name in PICKLE_WEIGHTS if (path / name).is_file()]
+        if pickled:
+            return load_tensors(pickled[0], allow_pickle)
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
     return read_safetensors(single)

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ..images import ImageError, read_rgb
 from .ops import EDITS, Edit, sample_instruction
 
 _SPORCO = "public domain or freely redistributable per sporco's data/README.rst: "
@@ -71,11 +70,9 @@ class Photo:
 
 
 def _read_rgb(path: Path) -> Tensor:
-    """An image file as (3, H, W) float32 in [0, 1]; EXIF rotation applied, alpha dropped."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        array = np.asarray(im, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    """An image file as (3, H, W) float32 in [0, 1] (``funcmem.images.read_rgb``: EXIF rotation
+    applied, transparency composited on white; a bad file is an ``ImageError`` naming it)."""
+    return read_rgb(path)
 
 
 def _package_dir(package: str) -> Path:
@@ -104,7 +101,7 @@ def load_photos(names: Sequence[str] | None = None) -> list[Photo]:
         package, file, licence = PHOTO_SOURCES[name]
         try:
             image = _read_rgb(_package_dir(package) / file)
-        except (OSError, ModuleNotFoundError, UnidentifiedImageError) as e:
+        except (OSError, ModuleNotFoundError, ImageError) as e:
             failures.append(f"{name} ({package}/{file}): {e}")
             warnings.warn(f"skipping photo {name!r}: cannot read {package}/{file}: {e}")
             continue
@@ -130,10 +127,7 @@ def load_folder(path: str | Path) -> list[Photo]:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {folder}")
     photos = []
     for file in files:
-        try:
-            image = _read_rgb(file)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise ValueError(f"cannot read image {file}: {e}") from e
+        image = _read_rgb(file)  # ImageError (a ValueError) names the file and the reason
         photos.append(Photo(file.name, str(folder), "user-supplied", image))
     return photos
 

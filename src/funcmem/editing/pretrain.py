@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..io import read_safetensors, write_json, write_safetensors
+from ..io import file_sha256, read_json, read_safetensors, write_json, write_safetensors
 from .editor import Editor, EditorConfig
 
 VERSION = "editor-pretrain-2"  # bump when the ops, data, training loop or Editor architecture change
@@ -218,14 +219,21 @@ def load_or_train_editor(config: EditorConfig | None = None, cache_dir: str | Pa
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights, meta = cache / f"editor-{key}.safetensors", cache / f"editor-{key}.json"
     if weights.is_file() and meta.is_file():
-        editor = Editor(EditorConfig.from_dict(json.loads(meta.read_text())["config"]))
-        editor.load_state_dict(read_safetensors(weights))
-        return _freeze(editor)
+        try:  # the index records the weights' SHA-256: a mismatched or damaged pair is retrained, never used
+            cached = read_json(meta)
+            if cached.get("sha256") not in (None, file_sha256(weights)):
+                raise ValueError(f"{weights} does not match the checksum in {meta}")
+            editor = Editor(EditorConfig.from_dict(cached["config"]))
+            editor.load_state_dict(read_safetensors(weights))
+            return _freeze(editor)
+        except (ValueError, KeyError, RuntimeError) as e:
+            warnings.warn(f"ignoring the cached base editor ({e}); training it again", stacklevel=2)
     size = config.image_size
     crops = torch.cat([photo_crops(n_crops, size, seed), smooth_images(n_crops // 8, size, seed)])
     start = time.perf_counter()
     editor = pretrain_editor(crops, config, steps, batch, lr, seed, text_encoder, progress)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     write_safetensors(weights, editor.state_dict(), metadata={"key": key})
+    record["sha256"] = file_sha256(weights)  # what is on disk now (another process may have renamed its copy in)
     write_json(meta, record)  # written last: its presence marks a complete checkpoint
     return _freeze(editor)
