@@ -12,7 +12,7 @@ Public API::
 
 __version__ = "0.1.0"
 
-from . import hywu, io, train
+from . import hywu, io, peft_io, train
 from .generator import GeneratorConfig, ParameterGenerator
 from .lora import LoRA
 from .memory import FunctionalMemory, SharedLoRA
@@ -20,4 +20,4 @@ from .targets import Target, resolve_targets
 from .tokens import TokenLayout
 
 __all__ = ["FunctionalMemory", "SharedLoRA", "GeneratorConfig", "ParameterGenerator", "LoRA", "Target",
-           "TokenLayout", "resolve_targets", "hywu", "__version__"]
+           "TokenLayout", "resolve_targets", "hywu", "peft_io", "__version__"]

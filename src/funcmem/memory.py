@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +16,11 @@ from torch import Tensor, nn
 
 from . import mount
 from .generator import GeneratorConfig, ParameterGenerator
-from .io import read_safetensors, write_json, write_safetensors
+from .guard import LoRAGuard, check_condition
+from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
 from .targets import Patterns, Target, resolve_targets
-from .tokens import TokenLayout
+from .tokens import Entry, TokenLayout
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -101,14 +101,52 @@ class _Mountable(nn.Module):
         write_json(path / CONFIG_NAME, config)
 
 
+def grid_layout(targets: list[Target], grid: dict, rank: int, token_dim: int) -> TokenLayout:
+    """The token layout of an explicit grid: layer n, slot k is target ``f"{layers[n]}.{slots[k]}"``.
+
+    Raises:
+        ValueError: the resolved targets are not exactly the grid's names (both lists are named).
+    """
+    by_name = {t.name: t for t in targets}
+    names = [[f"{layer}.{slot}" for slot in grid["slots"]] for layer in grid["layers"]]
+    flat = [n for row in names for n in row]
+    if set(flat) != set(by_name) or len(flat) != len(by_name):
+        raise ValueError(f"the token grid names targets {sorted(set(flat) - set(by_name))[:6]} that were not "
+                         f"resolved and the patterns resolved {sorted(set(by_name) - set(flat))[:6]} outside it")
+    entries = [Entry(name, n, k, by_name[name].a_shape(rank), by_name[name].b_shape(rank))
+               for n, row in enumerate(names) for k, name in enumerate(row)]
+    return TokenLayout(rank, token_dim, len(grid["layers"]), grid["slots"], entries)
+
+
+REQUIRED_FIELDS = {"FunctionalMemory": ("targets", "rank", "alpha", "condition_dim", "generator", "resolved_targets"),
+                   "SharedLoRA": ("targets", "rank", "alpha", "resolved_targets")}
+
+
 def _read_config(path, kind: str) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a funcmem directory")
-    config = json.loads(file.read_text())
+    config = read_json(file)
     if config.get("funcmem_type") != kind:
         raise ValueError(f"{path} holds a {config.get('funcmem_type')!r}, not a {kind!r}")
+    missing = [k for k in REQUIRED_FIELDS[kind] if k not in config]
+    if missing:
+        raise ValueError(f"{file} lacks fields {missing}; a {kind} config needs {list(REQUIRED_FIELDS[kind])}")
     return config
+
+
+def _load_weights(module: nn.Module, path) -> None:
+    """Load ``model.safetensors`` into ``module``; a mismatch names the file and the weights."""
+    file = Path(path) / WEIGHTS_NAME
+    state, own = read_safetensors(file), module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{file} does not fit the model its {CONFIG_NAME} describes ({len(wrong)} shapes differ):"
+                         + (f" missing {missing[:5]};" if missing else "") + (f" unexpected {unexpected[:5]};" if unexpected else "")
+                         + (" " + "; ".join(wrong[:3]) if wrong else ""))
+    module.load_state_dict(state)
 
 
 class FunctionalMemory(_Mountable):
@@ -121,25 +159,53 @@ class FunctionalMemory(_Mountable):
         condition_dim: width of the condition vectors.
         generator: generator size.
         exclude: patterns of modules to leave out.
+        grid: optional explicit token grid ``{"layers": [layer paths], "slots": [slot names]}``:
+            layer n slot k is the target ``f"{layers[n]}.{slots[k]}"``, and the targets must be
+            exactly these. It fixes the token order where the default (layers and slots in
+            ``named_modules()`` order, split at the last number) would differ, as for HY-WU
+            checkpoints, whose module order is their ``pg_mapping``'s (``funcmem.hywu``).
 
     Shape:
         condition: (B, L, condition_dim) or (B, condition_dim).
     """
 
     def __init__(self, base: nn.Module, targets: Patterns, rank: int = 8, alpha: float | None = None,
-                 condition_dim: int = 384, generator: GeneratorConfig | None = None, exclude: Patterns | None = None):
+                 condition_dim: int = 384, generator: GeneratorConfig | None = None, exclude: Patterns | None = None,
+                 grid: dict | None = None):
         super().__init__(base, targets, rank, alpha, exclude)
         self.condition_dim = condition_dim
         self.generator_config = generator or GeneratorConfig()
-        self.layout = TokenLayout.from_targets(self.targets, rank, self.generator_config.token_dim)
+        self.grid = None if grid is None else {"layers": list(grid["layers"]), "slots": list(grid["slots"])}
+        self.layout = (TokenLayout.from_targets(self.targets, rank, self.generator_config.token_dim) if grid is None
+                       else grid_layout(self.targets, self.grid, rank, self.generator_config.token_dim))
         self.generator = ParameterGenerator(self.generator_config, condition_dim, self.layout.num_layers,
                                             self.layout.tokens_per_layer, self.layout.h_a, rank)
+        self.guard: LoRAGuard | None = LoRAGuard()  # bounds each update, refuses NaN/Inf; None: off
+        self._norm_cache: dict[str, tuple[tuple, float]] = {}
 
     def generate(self, condition: Tensor) -> LoRA:
-        """condition (B, L, condition_dim) -> per-sample LoRA (batch B)."""
-        if not torch.is_floating_point(condition):
-            raise TypeError(f"condition must be a floating tensor, got {condition.dtype}")
-        return self.layout.detokenize(self.generator(condition), self.scale)
+        """condition (B, L, condition_dim) -> per-sample LoRA (batch B), checked by ``self.guard``.
+
+        Raises:
+            TypeError / ValueError: a condition of the wrong type, rank, width, device, or with
+                NaN/Inf (``guard.check_condition``).
+            NonFiniteLoRAError: the generated factors hold NaN or Inf.
+        """
+        condition = check_condition(condition, self.condition_dim, next(self.generator.parameters()))
+        lora = self.layout.detokenize(self.generator(condition), self.scale)
+        return lora if self.guard is None else self.guard(lora, self._weight_norms())
+
+    def _weight_norms(self) -> dict[str, float]:
+        """||W||_F of every target weight, recomputed only when the weight changed (``_version``)."""
+        norms = {}
+        for name, (wrapper, weight) in self._handles.items():
+            w = wrapper.base_layer.get_parameter(weight)
+            key = (w.data_ptr(), w._version, w.device)
+            cached = self._norm_cache.get(name)
+            if cached is None or cached[0] != key:
+                cached = self._norm_cache[name] = (key, float(w.detach().float().norm()))
+            norms[name] = cached[1]
+        return norms
 
     def forward(self, condition: Tensor, *args, **kwargs):
         """Generate, mount and call the base: ``base(*args, **kwargs)`` with per-sample LoRA."""
@@ -147,8 +213,11 @@ class FunctionalMemory(_Mountable):
             return self.base(*args, **kwargs)
 
     def config(self) -> dict:
-        return {"funcmem_type": "FunctionalMemory", **self._target_config(), "condition_dim": self.condition_dim,
-                "generator": self.generator_config.to_dict()}
+        config = {"funcmem_type": "FunctionalMemory", **self._target_config(), "condition_dim": self.condition_dim,
+                  "generator": self.generator_config.to_dict()}
+        if self.grid is not None:
+            config["grid"] = self.grid
+        return config
 
     def save_pretrained(self, path) -> None:
         """Write ``config.json`` and ``model.safetensors`` (the generator's weights) to a directory."""
@@ -159,10 +228,16 @@ class FunctionalMemory(_Mountable):
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
         config = _read_config(path, "FunctionalMemory")
         fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
-                 GeneratorConfig.from_dict(config["generator"]), config.get("exclude"))
+                 GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
         fm._check_targets(config["resolved_targets"], path)
-        fm.generator.load_state_dict(read_safetensors(Path(path) / WEIGHTS_NAME))
+        _load_weights(fm.generator, path)
         return fm
+
+    def export_peft(self, lora: LoRA, index: int, path, base_model_name_or_path: str | None = None) -> None:
+        """Write sample ``index`` of ``lora`` as a PEFT adapter directory (``funcmem.peft_io.export_peft``)."""
+        from .peft_io import export_peft
+
+        export_peft(self, lora, index, path, base_model_name_or_path)
 
 
 class SharedLoRA(_Mountable):
@@ -212,4 +287,23 @@ class SharedLoRA(_Mountable):
             for name, (a, b) in lora.factors.items():
                 shared.lora_A[cls._key(name)].copy_(a[0])
                 shared.lora_B[cls._key(name)].copy_(b[0])
+        return shared
+
+    def export_peft(self, path, base_model_name_or_path: str | None = None) -> None:
+        """Write the shared LoRA as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads."""
+        from .peft_io import export_peft
+
+        export_peft(self, self.lora(), 0, path, base_model_name_or_path)
+
+    @classmethod
+    def from_peft(cls, base: nn.Module, path) -> "SharedLoRA":
+        """A SharedLoRA on ``base`` holding a PEFT LoRA adapter directory's factors (see ``funcmem.peft_io``)."""
+        from .peft_io import read_peft
+
+        adapter = read_peft(path, base)
+        shared = cls(base, adapter.targets, adapter.rank, adapter.alpha)
+        with torch.no_grad():
+            for name, (a, b) in adapter.factors.items():
+                shared.lora_A[cls._key(name)].copy_(a)
+                shared.lora_B[cls._key(name)].copy_(b)
         return shared

@@ -383,7 +383,28 @@ class ExpertsLoRA(LoRALayer):
     The module's own forward runs with ``W + scale * B_e A_e`` swapped in (``functional_call``);
     with several LoRAs in a batch it runs once per distinct LoRA on that LoRA's samples (tensor
     arguments whose first dimension is the batch are split, the output is stitched back).
+
+    ``flattened_tokens`` says how the module's first input dimension meets the LoRA's samples:
+
+    - False: it is the sample batch b (a multiple of the LoRA's samples means CFG copies, as
+      for every other wrapper: sample i uses ``i % n``);
+    - True: it is the samples' tokens flattened sample-major, (m * T, ...), as Hugging Face MoE
+      blocks call their experts (``hidden_states.view(-1, d)``): row j belongs to sample ``j // T``
+      of the m samples the LoRA describes (CFG copies then need an ``index`` of length m);
+    - None (default): True when the module's forward takes ``top_k_index`` (the ``transformers``
+      experts interface), else False.
     """
+
+    flattened_tokens: bool | None = None
+
+    def _flattened(self) -> bool:
+        if self.flattened_tokens is not None:
+            return self.flattened_tokens
+        if "_takes_top_k" not in self.__dict__:  # read the signature once
+            import inspect
+
+            self._takes_top_k = "top_k_index" in inspect.signature(type(self.base_layer).forward).parameters
+        return self._takes_top_k
 
     def weight_delta(self, name, a, b, scale):
         return scale * (b @ a)  # (E, out, r) @ (E, r, in)
@@ -397,7 +418,10 @@ class ExpertsLoRA(LoRALayer):
             return self.base_layer(*args, **kwargs)
         routing = next(iter(self.factors.values())).routing
         batch = args[0].shape[0]
-        tiles(routing.samples, batch, "experts")
+        tokens = tiles(routing.samples, batch, "experts")
+        if self._flattened() and tokens > 1 and routing.rows > 1:  # row j is token j % T of sample j // T
+            rows = routing.sample_rows(routing.samples, args[0].device).repeat_interleave(tokens)
+            routing = Routing(routing.rows, rows)
         if routing.rows == 1:
             return functional_call(self.base_layer, self._weights(0), args, kwargs)
         groups, out = routing.groups(batch, args[0].device), None

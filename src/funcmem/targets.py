@@ -72,6 +72,11 @@ def split_layer(name: str) -> tuple[str, str]:
     return ".".join(parts[:cut]), ".".join(parts[cut:])
 
 
+def exact(names: list[str]) -> str:
+    """One regex pattern that matches exactly these names (no suffix or glob matching)."""
+    return "|".join(re.escape(n) for n in names)
+
+
 def _matches(name: str, patterns: Patterns) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -23,7 +24,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .io import read_safetensors, write_safetensors
+from . import distributed
+from .guard import NonFiniteLoRAError
+from .io import read_safetensors, read_safetensors_metadata, write_safetensors
 
 CHECKPOINT_NAME, METRICS_NAME = "checkpoint.safetensors", "metrics.jsonl"
 
@@ -42,6 +45,13 @@ class TrainConfig:
         out_dir: where checkpoints and ``metrics.jsonl`` go (None: nowhere).
         checkpoint_every, log_every: in steps.
         progress: show a tqdm bar.
+        distributed: "none", "ddp", "fsdp" or "auto" (ddp under a multi-process ``torchrun``
+            launch, else none); see ``funcmem.distributed``. Rank 0 writes checkpoints and logs.
+        shard_batch: with several processes, ``batch_fn(step)`` returns the global batch and each
+            rank trains on its contiguous shard; False: it already returns this rank's shard.
+        max_skipped_steps: a step whose generated LoRA, loss or gradient is NaN/Inf is skipped
+            (the step counts, the weights and AdamW state do not move; ``skipped_steps`` in the
+            metrics); more skips than this in one run raise ``FloatingPointError`` (0: the first).
     """
 
     steps: int = 1000
@@ -57,6 +67,9 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     description: str = "train"
+    distributed: str = "auto"
+    shard_batch: bool = True
+    max_skipped_steps: int = 10
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -91,6 +104,9 @@ class Trainer:
     def __init__(self, module: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor | tuple[Tensor, dict]],
                  config: TrainConfig | None = None, param_groups: list[dict] | None = None):
         self.module, self.loss_fn, self.config = module, loss_fn, config or TrainConfig()
+        self.mode = distributed.resolve_mode(self.config.distributed)
+        if self.mode == "fsdp":  # parameters become DTensor shards: before names and the optimizer
+            param_groups = distributed.fsdp_shard(module, param_groups)
         self.names = {p: n for n, p in module.named_parameters() if p.requires_grad}
         if not self.names:
             raise ValueError("the module has no trainable parameters")
@@ -103,7 +119,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": g["params"]} for g in groups], lr=cfg.lr,
                                            betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite LoRA, loss or gradient
         self.history: list[dict] = []
+        self.ddp = distributed.wrap_ddp(module, loss_fn) if self.mode == "ddp" else None
 
     # -------------------------------------------------------------- checkpoints
 
@@ -112,25 +130,28 @@ class Trainer:
         return Path(self.config.out_dir) / CHECKPOINT_NAME if self.config.out_dir else None
 
     def save_checkpoint(self) -> None:
-        """Trainable weights + AdamW state + RNG, step in the metadata; one atomic file."""
-        tensors = {f"model.{n}": p for p, n in self.names.items()}
+        """Trainable weights + AdamW state + RNG, step in the metadata; one atomic file.
+
+        Sharded (FSDP) tensors are gathered whole on every rank; rank 0 alone writes."""
+        full = distributed.full_tensor
+        tensors = {f"model.{n}": full(p.detach()) for p, n in self.names.items()}
         order = [self.names[p] for g in self.optimizer.param_groups for p in g["params"]]
         for p, state in self.optimizer.state.items():
             for key, value in state.items():
-                tensors[f"optim.{self.names[p]}.{key}"] = torch.as_tensor(value)
+                tensors[f"optim.{self.names[p]}.{key}"] = full(torch.as_tensor(value))
         tensors["rng.torch"] = torch.get_rng_state()
-        meta = {"step": str(self.step), "param_order": json.dumps(order), "config": json.dumps(asdict(self.config))}
-        write_safetensors(self.checkpoint_path, tensors, metadata=meta)
+        meta = {"step": str(self.step), "param_order": json.dumps(order), "config": json.dumps(asdict(self.config)),
+                "skipped_steps": str(self.skipped)}
+        if distributed.is_main():
+            write_safetensors(self.checkpoint_path, tensors, metadata=meta)
+        distributed.barrier()
 
     def load_checkpoint(self) -> bool:
         """Restore from ``out_dir``; False when there is no checkpoint yet."""
         path = self.checkpoint_path
         if path is None or not path.is_file():
             return False
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
+        meta = read_safetensors_metadata(path)  # a damaged file: ValueError naming it
         tensors = read_safetensors(path)
         by_name = {n: p for p, n in self.names.items()}
         saved = {k[len("model."):] for k in tensors if k.startswith("model.")}
@@ -139,13 +160,15 @@ class Trainer:
                              f"unexpected {sorted(saved - set(by_name))[:5]}")
         with torch.no_grad():
             for name, p in by_name.items():
-                p.copy_(tensors[f"model.{name}"])
+                p.copy_(distributed.like(tensors[f"model.{name}"], p))  # this rank's shard under FSDP
         for p, name in self.names.items():
-            state = {k.rsplit(".", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim.{name}.")}
+            state = {k.rsplit(".", 1)[1]: distributed.like(v, p) if v.shape == p.shape else v.to(p.device)
+                     for k, v in tensors.items() if k.startswith(f"optim.{name}.")}
             if state:
                 self.optimizer.state[p] = state
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
+        self.skipped = int(meta.get("skipped_steps", 0))
         self._truncate_metrics()
         return True
 
@@ -155,35 +178,66 @@ class Trainer:
         if file.is_file():
             rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
             self.history = [r for r in rows if r["step"] <= self.step]
-            file.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            if distributed.is_main():
+                file.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     # -------------------------------------------------------------- loop
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.config.out_dir:
+        if self.config.out_dir and distributed.is_main():
             with open(Path(self.config.out_dir) / METRICS_NAME, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def train_step(self, batch) -> dict:
-        """One optimisation step on ``batch``; returns its metrics."""
+        """One optimisation step on ``batch`` (the global batch under several processes, unless
+        ``shard_batch`` is off); returns its metrics (averaged over ranks)."""
         cfg, params = self.config, list(self.names)
+        if self.mode != "none" and cfg.shard_batch:
+            batch = distributed.shard_batch(batch, distributed.rank(), distributed.world_size())
         device = params[0].device
         for group, scale in zip(self.optimizer.param_groups, self.lr_scales):
             group["lr"] = cfg.lr * scale * lr_factor(self.step, cfg)
         dtype = _autocast_dtype(cfg.precision, device)
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = self.loss_fn(self.module, batch)
+        try:
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                out = self.ddp(batch) if self.ddp is not None else self.loss_fn(self.module, batch)
+        except NonFiniteLoRAError as e:
+            if self.mode != "none":  # raised on one rank only: skipping there alone would hang the others
+                raise
+            return self._skip(f"{e}")
         loss, extra = out if isinstance(out, tuple) else (out, {})
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}")
+        value, extra = distributed.mean_metrics(loss, extra)  # over ranks: all see the same value
+        if not math.isfinite(value):
+            return self._skip(f"loss is {value}", value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = distributed.full_tensor(norm)  # a DTensor under FSDP
+        if not math.isfinite(norm.item()):  # all-reduced: every rank sees the same norm
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(f"gradient norm is {norm.item()}", value)
         self.optimizer.step()
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "grad_norm": norm.item(),
-                "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v) for k, v in extra.items()}}
+        return {"step": self.step, "loss": value, "grad_norm": norm.item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped, **self._guard_counts(),
+                **extra}
+
+    def _skip(self, reason: str, loss: float = math.nan) -> dict:
+        """Count a step that leaves the weights alone (non-finite LoRA, loss or gradient)."""
+        self.skipped += 1
+        if self.skipped > self.config.max_skipped_steps:
+            raise FloatingPointError(f"{reason} at step {self.step}: {self.skipped} non-finite steps in this run, "
+                                     f"more than max_skipped_steps={self.config.max_skipped_steps}")
+        warnings.warn(f"skipping step {self.step}: {reason}", stacklevel=3)
+        self.step += 1
+        return {"step": self.step, "loss": loss, "grad_norm": math.nan, "lr": self.optimizer.param_groups[0]["lr"],
+                "skipped_steps": self.skipped, **self._guard_counts()}
+
+    def _guard_counts(self) -> dict:
+        """The generator's LoRA guard counters, when the module has one (``FunctionalMemory.guard``)."""
+        guard = getattr(self.module, "guard", None)
+        return {"lora_clipped": guard.clipped} if guard is not None and hasattr(guard, "clipped") else {}
 
     def fit(self, batches: Callable[[int], Any] | Iterable, resume: bool = False,
             callback: Callable[["Trainer"], None] | None = None) -> list[dict]:
@@ -199,16 +253,17 @@ class Trainer:
         if resume:
             if not cfg.out_dir:
                 raise ValueError("resume=True needs TrainConfig.out_dir")
-            self.load_checkpoint()
-        elif cfg.out_dir and (Path(cfg.out_dir) / METRICS_NAME).exists():
+            if not self.load_checkpoint():
+                self._truncate_metrics()  # a run killed before its first checkpoint logged steps that redo
+        elif cfg.out_dir and (Path(cfg.out_dir) / METRICS_NAME).exists() and distributed.is_main():
             (Path(cfg.out_dir) / METRICS_NAME).unlink()
         batch_fn = batches if callable(batches) else _from_iterable(batches)
         self.module.train()
         start = time.perf_counter()
         if callback:
             callback(self)
-        with tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, desc=cfg.description,
-                  dynamic_ncols=True) as bar:
+        with tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and distributed.is_main()),
+                  desc=cfg.description, dynamic_ncols=True) as bar:
             while self.step < cfg.steps:
                 record = self.train_step(batch_fn(self.step))
                 bar.update(1)
