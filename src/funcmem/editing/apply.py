@@ -17,18 +17,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .data import _read_rgb, fit_scale
+from ..guard import clean_instruction
+from ..images import read_rgb
+from .data import fit_scale
 
 
 def read_image(path: str | Path) -> Tensor:
-    """(3, H, W) float in [0, 1]; a missing or unreadable file is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    try:
-        return _read_rgb(path)
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as an image: {e}") from None
+    """(3, H, W) float in [0, 1] (``funcmem.images.read_rgb``); a missing file is a
+    FileNotFoundError, an unreadable or refused one an ``ImageError`` naming it and the reason."""
+    return read_rgb(path)
 
 
 def write_image(image: Tensor, path: str | Path) -> None:
@@ -40,22 +37,38 @@ def write_image(image: Tensor, path: str | Path) -> None:
 @torch.no_grad()
 def edit_image(loaded: dict, image: Tensor, instruction: str, method: str = "functional_memory") -> Tensor:
     """Edit ``image`` (3, H, W) as told, with a run from ``benchmark.load_run`` -> (3, H, W)."""
-    if not instruction or not instruction.strip():
-        raise ValueError("the instruction is empty")
-    size = loaded["config"].size
+    instruction = clean_instruction(instruction)  # empty / too long refused, control characters removed
+    tiles, grid = to_tiles(image, loaded["config"].size)
+    instructions = [instruction] * len(tiles)
+    states, mask = loaded["text_encoder"].encode(instructions, loaded["editor"].config.max_text_tokens)
+    batch = {"inputs": tiles, "text_states": states, "text_mask": mask,
+             "raw": loaded["encoder"].raw(tiles, instructions)}
+    edited = loaded["methods"][method].predict(batch)  # (gh*gw, 3, size, size)
+    return from_tiles(edited, tiles, grid, image)
+
+
+def to_tiles(image: Tensor, size: int) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Cut an image into the editor's tiles at the training scale (``fit_scale``, reflect-padded).
+
+    Shape:
+        image (3, H, W) -> tiles (gh * gw, 3, size, size), row-major, and ``grid`` (gh, gw, h, w):
+        the tile grid and the scaled image's size before padding (for ``from_tiles``).
+    """
     scaled = fit_scale(image, size)  # (3, h, w), short side in [size, 4 * size]
     h, w = scaled.shape[-2:]
     ph, pw = -h % size, -w % size
     padded = F.pad(scaled[None], (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")[0]
     gh, gw = padded.shape[1] // size, padded.shape[2] // size
     tiles = padded.unfold(1, size, size).unfold(2, size, size)  # (3, gh, gw, size, size)
-    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, size, size)
-    instructions = [instruction] * len(tiles)
-    states, mask = loaded["text_encoder"].encode(instructions, loaded["editor"].config.max_text_tokens)
-    batch = {"inputs": tiles, "text_states": states, "text_mask": mask,
-             "raw": loaded["encoder"].raw(tiles, instructions)}
-    edited = loaded["methods"][method].predict(batch).clamp(0, 1)  # (gh*gw, 3, size, size)
-    edited = edited.view(gh, gw, 3, size, size).permute(2, 0, 3, 1, 4).reshape(3, gh * size, gw * size)
-    delta = (edited - padded)[:, :h, :w]
+    return tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, size, size), (gh, gw, h, w)
+
+
+def from_tiles(edited: Tensor, tiles: Tensor, grid: tuple[int, int, int, int], image: Tensor) -> Tensor:
+    """The edit of each tile (edited minus input tile), stitched, resized to the image's size and
+    added to it: edited, tiles (gh * gw, 3, size, size), image (3, H, W) -> (3, H, W) in [0, 1]."""
+    gh, gw, h, w = grid
+    size = tiles.shape[-1]
+    delta = (edited.clamp(0, 1) - tiles).view(gh, gw, 3, size, size)
+    delta = delta.permute(2, 0, 3, 1, 4).reshape(3, gh * size, gw * size)[:, :h, :w]
     delta = F.interpolate(delta[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
     return (image + delta).clamp(0, 1)
