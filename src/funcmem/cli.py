@@ -46,8 +46,7 @@ def cmd_toy(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import torch
-
+    import funcmem.io
     from funcmem.editing.benchmark import BenchmarkConfig, run
     from funcmem.editing.report import write_report
 
@@ -58,7 +57,7 @@ def cmd_demo(args) -> int:
     if args.condition:
         cfg.conditions = [args.condition] + [c for c in cfg.conditions if c != args.condition]
     results = run(cfg, args.out)
-    figures = torch.load(Path(args.out) / "figures.pt", weights_only=False)  # written by this run just now
+    figures = funcmem.io.torch_load(Path(args.out) / "figures.pt", allow_numpy=True)  # weights_only: no code runs
     write_report(Path(args.out), results, figures)
     (Path(args.out) / "figures.pt").unlink()
     m = results["methods"]
@@ -97,6 +96,9 @@ def cmd_bench(args) -> int:
 
 # Modules that add their own subcommands: each defines ``add_commands(subparsers)``.
 COMMAND_MODULES: list[str] = [
+    "funcmem.editing.continual",
+    "funcmem.hywu",
+    "funcmem.serve.cli",
 ]
 
 
