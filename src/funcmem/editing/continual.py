@@ -101,7 +101,7 @@ class ContinualConfig:
     @classmethod
     def quick(cls, **overrides) -> "ContinualConfig":
         """Under 10 minutes on 2 CPU cores (the base editor cached; it is the quick demo's)."""
-        base = dict(train_per_group=384, test_per_group=96, steps=60, replay_batch=8, forget_steps=150,
+        base = dict(train_per_group=384, test_per_group=96, steps=200, replay_batch=8, forget_steps=150,
                     editor_steps=BenchmarkConfig.quick().editor_steps)
         return cls(**{**base, **overrides})
 
