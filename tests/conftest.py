@@ -13,6 +13,15 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny shapes gain nothing from threads; on a busy 2-core machine waiting for them dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def hywu_fixture():
     path = os.path.join(SHARED, "fixtures", "hywu-ref-a")
     if not os.path.isdir(path):

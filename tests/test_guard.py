@@ -15,13 +15,7 @@ from helpers import TinyTransformer, randomize_b_head
 GEN = funcmem.GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a busy 2-core machine make training steps far slower; one is plenty here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_lora(n=3, scale=0.5, seed=0):

@@ -98,15 +98,6 @@ def run_until(out_dir, kill_after=None, stall_at=None, delay=0.0):
     return first, last, finished
 
 
-@pytest.fixture
-def one_thread():
-    """Two intra-op threads on a busy 2-core machine make each step 100x slower; one is plenty here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path, one_thread):
     straight, tasks = build(tmp_path / "straight")  # first: forked children then find AdamW etc. imported
     straight.fit(tasks.batch)
