@@ -1,4 +1,4 @@
-"""FunctionalMemory / SharedLoRA: save and load, refusing a base with other shapes."""
+"""FunctionalMemory / SharedLoRA / LoRABank: save and load, routing, refusing a base with other shapes."""
 
 import json
 
@@ -64,3 +64,33 @@ def test_generator_and_shared_lora_share_one_base():
     assert fm._handles["blocks.0.attn.qkv"][0] is shared._handles["blocks.0.attn.qkv"][0]
     assert shared.num_trainable_parameters() == 3 * (2 * 16 + 48 * 2)
     assert fm.num_trainable_parameters() == fm.generator.count_parameters()
+
+
+def test_lora_bank_routes_each_sample_to_its_lora_and_round_trips(tmp_path):
+    """Sample i of a bank's output equals LoRA index[i] mounted alone; save/load is exact."""
+    torch.manual_seed(0)
+    base = TinyTransformer()
+    bank = funcmem.LoRABank(base, ["qkv", "fc2"], rank=2, alpha=4, num=3)
+    with torch.no_grad():
+        for p in bank.lora_B.values():
+            p.normal_()
+    x, index = torch.randn(4, 5, 16), torch.tensor([2, 0, 2, 1])
+    y = bank(index, x)
+    for i, k in enumerate(index.tolist()):
+        with bank.mounted(bank.lora()[k]):
+            assert torch.allclose(base(x[i:i + 1]), y[i:i + 1], atol=1e-6)
+    assert not torch.allclose(y[0], y[1])
+    bank.save_pretrained(tmp_path)
+    base2 = TinyTransformer()
+    base2.load_state_dict(base.state_dict())
+    assert torch.equal(funcmem.LoRABank.from_pretrained(tmp_path, base2)(index, x), y)
+    with pytest.raises(ValueError, match="LoRABank"):
+        funcmem.SharedLoRA.from_pretrained(tmp_path, TinyTransformer())
+
+
+def test_lora_bank_refuses_factors_of_another_shape(tmp_path):
+    funcmem.LoRABank(TinyTransformer(), ["qkv"], rank=2, num=3).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num": 4}))
+    with pytest.raises(ValueError, match=r"does not fit.*qkv"):
+        funcmem.LoRABank.from_pretrained(tmp_path, TinyTransformer())

@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 from . import hywu, io, peft_io, train
 from .generator import GeneratorConfig, ParameterGenerator
 from .lora import LoRA
-from .memory import FunctionalMemory, SharedLoRA
+from .memory import FunctionalMemory, LoRABank, SharedLoRA
 from .targets import Target, resolve_targets
 from .tokens import TokenLayout
 
-__all__ = ["FunctionalMemory", "SharedLoRA", "GeneratorConfig", "ParameterGenerator", "LoRA", "Target",
+__all__ = ["FunctionalMemory", "LoRABank", "SharedLoRA", "GeneratorConfig", "ParameterGenerator", "LoRA", "Target",
            "TokenLayout", "resolve_targets", "hywu", "peft_io", "__version__"]

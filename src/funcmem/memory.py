@@ -119,7 +119,8 @@ def grid_layout(targets: list[Target], grid: dict, rank: int, token_dim: int) ->
 
 
 REQUIRED_FIELDS = {"FunctionalMemory": ("targets", "rank", "alpha", "condition_dim", "generator", "resolved_targets"),
-                   "SharedLoRA": ("targets", "rank", "alpha", "resolved_targets")}
+                   "SharedLoRA": ("targets", "rank", "alpha", "resolved_targets"),
+                   "LoRABank": ("targets", "rank", "alpha", "num", "resolved_targets")}
 
 
 def _read_config(path, kind: str) -> dict:
@@ -240,32 +241,105 @@ class FunctionalMemory(_Mountable):
         export_peft(self, lora, index, path, base_model_name_or_path)
 
 
-class SharedLoRA(_Mountable):
-    """One static LoRA on the same targets: the baseline every sample shares.
+class LoRABank(_Mountable):
+    """K static LoRAs on the same targets, one per task: sample i uses LoRA ``index[i]``.
 
-    Factors are stored as PEFT names them: ``lora_A`` (Kaiming-uniform) and ``lora_B`` (zeros),
-    in ``nn.ParameterDict``s keyed by target name (dots as ``__``).
+    The bank a generator is compared with (each task told its own adapter), and the shape of
+    ``SharedLoRA`` (K = 1). Factors are stored as PEFT names them, with the bank's K first:
+    ``lora_A`` (K, *A shape), Kaiming-uniform per matrix, and ``lora_B`` (K, *B shape), zeros, in
+    ``nn.ParameterDict``s keyed by target name (dots as ``__``).
+
+    Args:
+        base, targets, rank, alpha, exclude: as ``FunctionalMemory``.
+        num: K, the number of LoRAs.
+
+    Shape:
+        ``lora(index)``: index (B,) integer task ids -> a ``LoRA`` of K factor rows with that index.
+    """
+
+    def __init__(self, base: nn.Module, targets: Patterns, rank: int = 8, alpha: float | None = None,
+                 num: int = 1, exclude: Patterns | None = None):
+        super().__init__(base, targets, rank, alpha, exclude)
+        if num < 1:
+            raise ValueError(f"num (LoRAs in the bank) must be >= 1, got {num}")
+        self.num = num
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for t in self.targets:
+            a = torch.empty(num, *t.a_shape(rank))
+            for matrix in a.view(-1, *a.shape[-2:]):
+                nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
+            self.lora_A[_key(t.name)] = nn.Parameter(a)
+            self.lora_B[_key(t.name)] = nn.Parameter(torch.zeros(num, *t.b_shape(rank)))
+
+    def lora(self, index: Tensor | None = None) -> LoRA:
+        """All K LoRAs as factor rows; with ``index`` (B,), sample i uses row ``index[i]`` (rows are
+        shared, not copied, so the mounting code can apply each once per group of samples)."""
+        return LoRA({t.name: (self.lora_A[_key(t.name)], self.lora_B[_key(t.name)]) for t in self.targets},
+                    self.scale, index)
+
+    def forward(self, index: Tensor, *args, **kwargs):
+        """``base(*args, **kwargs)`` with sample i's LoRA ``index[i]`` mounted."""
+        with self.mounted(self.lora(index)):
+            return self.base(*args, **kwargs)
+
+    def config(self) -> dict:
+        return {"funcmem_type": "LoRABank", **self._target_config(), "num": self.num}
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (``{target}.lora_A`` (K, ...), ``.lora_B``)."""
+        self._save(path, self.config(), self.lora().state_dict())
+
+    def _load_factors(self, path) -> None:
+        lora = LoRA.from_state_dict(read_safetensors(Path(path) / WEIGHTS_NAME), self.scale)
+        wrong = [f"{name}: {tuple(a.shape)} / {tuple(b.shape)} in the file, "
+                 f"{tuple(self.lora_A[_key(name)].shape)} / {tuple(self.lora_B[_key(name)].shape)} expected"
+                 for name, (a, b) in lora.factors.items()
+                 if name in {t.name for t in self.targets}
+                 and (a.shape != self.lora_A[_key(name)].shape or b.shape != self.lora_B[_key(name)].shape)]
+        missing = sorted({t.name for t in self.targets} - set(lora.factors))
+        if wrong or missing:
+            raise ValueError(f"{Path(path) / WEIGHTS_NAME} does not fit its {CONFIG_NAME}: "
+                             + "; ".join(wrong[:3] + ([f"no factors for {missing[:5]}"] if missing else [])))
+        with torch.no_grad():
+            for name, (a, b) in lora.factors.items():
+                self.lora_A[_key(name)].copy_(a)
+                self.lora_B[_key(name)].copy_(b)
+
+    @classmethod
+    def from_pretrained(cls, path, base: nn.Module) -> "LoRABank":
+        """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
+        config = _read_config(path, "LoRABank")
+        bank = cls(base, config["targets"], config["rank"], config["alpha"], config["num"], config.get("exclude"))
+        bank._check_targets(config["resolved_targets"], path)
+        bank._load_factors(path)
+        return bank
+
+    def export_peft(self, index: int, path, base_model_name_or_path: str | None = None) -> None:
+        """Write LoRA ``index`` of the bank as a PEFT adapter directory."""
+        from .peft_io import export_peft
+
+        export_peft(self, self.lora(), index, path, base_model_name_or_path)
+
+
+def _key(name: str) -> str:
+    """A target name as a ``ParameterDict`` key (dots are not allowed there)."""
+    return name.replace(".", "__")
+
+
+class SharedLoRA(LoRABank):
+    """One static LoRA on the same targets: the baseline every sample shares (a bank of one).
+
+    ``lora_A`` / ``lora_B`` hold (1, *A shape) / (1, *B shape); ``lora()`` is a batch-1 LoRA that
+    broadcasts over any input batch.
     """
 
     def __init__(self, base: nn.Module, targets: Patterns, rank: int = 8, alpha: float | None = None,
                  exclude: Patterns | None = None):
-        super().__init__(base, targets, rank, alpha, exclude)
-        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
-        for t in self.targets:
-            a = torch.empty(t.a_shape(rank))
-            for matrix in a.view(-1, *a.shape[-2:]):
-                nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
-            self.lora_A[self._key(t.name)] = nn.Parameter(a)
-            self.lora_B[self._key(t.name)] = nn.Parameter(torch.zeros(t.b_shape(rank)))
-
-    @staticmethod
-    def _key(name: str) -> str:
-        return name.replace(".", "__")
+        super().__init__(base, targets, rank, alpha, 1, exclude)
 
     def lora(self) -> LoRA:
         """The shared factors as a batch-1 LoRA (broadcast over any input batch)."""
-        return LoRA({t.name: (self.lora_A[self._key(t.name)][None], self.lora_B[self._key(t.name)][None])
-                     for t in self.targets}, self.scale)
+        return super().lora()
 
     def forward(self, *args, **kwargs):
         with self.mounted(self.lora()):
@@ -274,19 +348,12 @@ class SharedLoRA(_Mountable):
     def config(self) -> dict:
         return {"funcmem_type": "SharedLoRA", **self._target_config()}
 
-    def save_pretrained(self, path) -> None:
-        self._save(path, self.config(), self.lora().state_dict())
-
     @classmethod
     def from_pretrained(cls, path, base: nn.Module) -> "SharedLoRA":
         config = _read_config(path, "SharedLoRA")
         shared = cls(base, config["targets"], config["rank"], config["alpha"], config.get("exclude"))
         shared._check_targets(config["resolved_targets"], path)
-        lora = LoRA.from_state_dict(read_safetensors(Path(path) / WEIGHTS_NAME), config["alpha"] / config["rank"])
-        with torch.no_grad():
-            for name, (a, b) in lora.factors.items():
-                shared.lora_A[cls._key(name)].copy_(a[0])
-                shared.lora_B[cls._key(name)].copy_(b[0])
+        shared._load_factors(path)
         return shared
 
     def export_peft(self, path, base_model_name_or_path: str | None = None) -> None:
@@ -304,6 +371,6 @@ class SharedLoRA(_Mountable):
         shared = cls(base, adapter.targets, adapter.rank, adapter.alpha)
         with torch.no_grad():
             for name, (a, b) in adapter.factors.items():
-                shared.lora_A[cls._key(name)].copy_(a)
-                shared.lora_B[cls._key(name)].copy_(b)
+                shared.lora_A[_key(name)][0].copy_(a)
+                shared.lora_B[_key(name)][0].copy_(b)
         return shared

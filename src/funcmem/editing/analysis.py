@@ -123,8 +123,8 @@ def storage(memory, bank, shared) -> dict:
     """Bytes (float32) to keep each method's trained weights."""
     size = lambda n: 4 * n
     return {"functional_memory": size(memory.num_trainable_parameters()),
-            "per_task_loras": size(sum(l.num_trainable_parameters() for l in bank.loras)),
-            "one_shared_lora": size(shared.num_trainable_parameters()), "num_tasks": len(bank.loras)}
+            "per_task_loras": size(bank.num_trainable_parameters()),
+            "one_shared_lora": size(shared.num_trainable_parameters()), "num_tasks": bank.num}
 
 
 @torch.no_grad()

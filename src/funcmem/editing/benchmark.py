@@ -30,7 +30,7 @@ from . import analysis
 from .conditions import BaseHiddenEncoder, MiniLMEfficientNet, TextEncoder
 from .data import load_folder, load_photos, make_examples, manifest, split_photos
 from .editor import Editor, EditorConfig
-from .methods import Base, EditingMemory, LoRABank, Shared, mse_loss, pooled_condition
+from .methods import Base, Bank, EditingMemory, Shared, mse_loss, pooled_condition
 from .metrics import psnr, ssim
 from .ops import EDITS
 from .pretrain import PHOTOS as PRETRAIN_PHOTOS
@@ -282,7 +282,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
             record("shared_lora_matched", matched)
         with timer.stage("per_task_lora"):
             torch.manual_seed(seed)
-            bank = LoRABank(editor, cfg.targets, cfg.rank, cfg.alpha, len(edit_names)).to(device)
+            bank = Bank(editor, cfg.targets, cfg.rank, cfg.alpha, len(edit_names)).to(device)
             train(bank, train_set, main_cond, cfg, cfg.lr_lora, seed, f"per-task LoRAs (seed {seed})")
             record("per_task_lora", bank)
             bank.set_keys(train_set.pooled[main_cond], train_set.edit_ids)
@@ -298,8 +298,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
                       "shared_lora_matched": matched.num_trainable_parameters(),
                       "shared_lora_matched_rank": rank,
                       "min_full_rank": min(min(t.in_features, t.out_features) for t in shared.targets),
-                      "per_task_lora": sum(l.num_trainable_parameters() for l in bank.loras),
-                      "retrieval_lora": sum(l.num_trainable_parameters() for l in bank.loras),
+                      "per_task_lora": bank.num_trainable_parameters(),
+                      "retrieval_lora": bank.num_trainable_parameters(),
                       "functional_memory": memory.num_trainable_parameters(),
                       "functional_memory_generator": memory.fm.num_trainable_parameters(),
                       "generated_per_instance": memory.fm.lora_parameters_per_instance()}
@@ -370,9 +370,8 @@ def save_run(out: Path, cfg: BenchmarkConfig, editor: Editor, kept: dict, train_
     kept["shared"].save_pretrained(out / "shared_lora")
     kept["matched"].save_pretrained(out / "shared_lora_matched")
     bank = kept["bank"]
-    io.write_safetensors(out / "per_task_lora.safetensors",
-                         {**{f"{k}.{n}": t for k, l in enumerate(bank.loras) for n, t in l.lora().state_dict().items()},
-                          "keys": bank.keys})
+    bank.save_pretrained(out / "per_task_lora")
+    io.write_safetensors(out / "per_task_lora" / "keys.safetensors", {"keys": bank.keys})
 
 
 def load_run(run: str | Path, device: str = "cpu") -> dict:
@@ -401,14 +400,11 @@ def load_run(run: str | Path, device: str = "cpu") -> dict:
     memory.projector.load_state_dict(projector_state)
     shared = Shared.from_pretrained(run / "shared_lora", editor)
     matched = Shared.from_pretrained(run / "shared_lora_matched", editor)
-    state = io.read_safetensors(run / "per_task_lora.safetensors")
-    bank = LoRABank(editor, cfg.targets, cfg.rank, cfg.alpha, len(EDITS))
-    with torch.no_grad():
-        for k, l in enumerate(bank.loras):
-            for t in l.targets:
-                l.lora_A[l._key(t.name)].copy_(state[f"{k}.{t.name}.lora_A"][0])
-                l.lora_B[l._key(t.name)].copy_(state[f"{k}.{t.name}.lora_B"][0])
-    bank.keys = state["keys"]
+    if not (run / "per_task_lora" / "config.json").is_file():
+        raise FileNotFoundError(f"{run} has no per_task_lora/config.json: it was written by an older funcmem; "
+                                "run `funcmem demo` again")
+    bank = Bank.from_pretrained(run / "per_task_lora", editor)
+    bank.keys = io.read_safetensors(run / "per_task_lora" / "keys.safetensors")["keys"]
     methods = {"base": Base(editor), "shared_lora": shared, "shared_lora_matched": matched, "per_task_lora": bank,
                "functional_memory": memory}
     methods = {k: m.to(device).eval() for k, m in methods.items()}

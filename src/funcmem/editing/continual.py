@@ -44,7 +44,7 @@ from .benchmark import BenchmarkConfig, EditSet, Timer, build_set, evaluate, mak
 from .conditions import MiniLMEfficientNet, TextEncoder
 from .data import make_examples
 from .editor import EditorConfig
-from .methods import Base, LoRABank, Shared, mse_loss
+from .methods import Bank, Base, Shared, mse_loss
 from .metrics import psnr
 from .ops import EDITS
 from .pretrain import load_or_train_editor
@@ -251,7 +251,7 @@ class SequentialShared:
         return {"weights": _float_bytes(self.method.lora_A, self.method.lora_B), "store": 0}
 
 
-class StageLoRAs(LoRABank):
+class StageLoRAs(Bank):
     """One LoRA per stage; a sample picks the LoRA of its edit's stage (the true label: an oracle)."""
 
     def __init__(self, editor, targets, rank: int, alpha: float, groups: dict):
@@ -275,15 +275,20 @@ class PerStage:
         self.cfg = cfg
 
     def learn(self, k: int, data: EditSet, name: str) -> None:
-        for i, lora in enumerate(self.method.loras):
-            lora.lora_A.requires_grad_(i == k)
-            lora.lora_B.requires_grad_(i == k)
-        train(self.method, data, CONDITION, self.cfg.benchmark_config(), self.cfg.lr_lora, self.cfg.seed * 100 + k, name)
+        factors = [*self.method.lora_A.values(), *self.method.lora_B.values()]
+        only_k = lambda grad: grad * (torch.arange(len(grad), device=grad.device) == k).view(-1, *[1] * (grad.dim() - 1))
+        hooks = [p.register_hook(only_k) for p in factors]  # the other stages' rows get no gradient: AdamW
+        try:  # (fresh each stage, no weight decay) leaves them exactly as they are
+            train(self.method, data, CONDITION, self.cfg.benchmark_config(), self.cfg.lr_lora, self.cfg.seed * 100 + k,
+                  name)
+        finally:
+            for h in hooks:
+                h.remove()
         self.method.taught = k + 1
 
     def storage(self) -> dict:
-        taught = self.method.loras[:self.method.taught]
-        return {"weights": _float_bytes(*(l.lora_A for l in taught), *(l.lora_B for l in taught)), "store": 0}
+        rows = [p[:self.method.taught] for p in (*self.method.lora_A.values(), *self.method.lora_B.values())]
+        return {"weights": 4 * sum(r.numel() for r in rows), "store": 0}
 
 
 class GeneratorLearner:

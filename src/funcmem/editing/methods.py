@@ -2,7 +2,7 @@
 
 - ``base``: the editor alone;
 - ``SharedLoRA`` (from the core): one static LoRA; the ``_matched`` variant has a higher rank;
-- ``LoRABank``: one LoRA per edit; a sample picks its LoRA by the true edit label (the oracle
+- ``Bank`` (the core ``LoRABank``): one LoRA per edit; a sample picks its LoRA by the true edit label (the oracle
   ``per_task_lora``) or by the nearest key to its condition (``retrieval_lora``);
 - ``EditingMemory``: functional memory: a condition projector + the generator.
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..generator import GeneratorConfig
 from ..lora import LoRA
-from ..memory import FunctionalMemory, SharedLoRA
+from ..memory import FunctionalMemory, LoRABank, SharedLoRA
 from .conditions import ConditionProjector
 from .editor import Editor
 
@@ -49,32 +49,26 @@ class Shared(SharedLoRA):
         return edit_with(self.base, batch, self.lora(), self.mounted)
 
 
-class LoRABank(nn.Module):
-    """K LoRAs on the same targets; sample i uses LoRA ``choice[i]``.
+class Bank(LoRABank):
+    """The core ``LoRABank`` (one LoRA per edit) with the benchmark's ``predict``; sample i uses LoRA
+    ``choice[i]``.
 
     Args:
         editor: the frozen base.
         targets, rank, alpha: as ``SharedLoRA``.
         num: K, one per edit.
-        route: "label" (oracle: the true edit id) or "retrieval" (nearest key, see ``set_keys``).
+
+    ``route``: "label" (oracle: the true edit id) or "retrieval" (nearest key, see ``set_keys``).
     """
 
-    def __init__(self, editor: Editor, targets, rank: int, alpha: float, num: int):
-        super().__init__()
-        self.loras = nn.ModuleList(SharedLoRA(editor, targets, rank, alpha) for _ in range(num))
-        self.editor = editor
+    def __init__(self, editor: Editor, targets, rank: int, alpha: float, num: int, exclude=None):
+        super().__init__(editor, targets, rank, alpha, num, exclude)
         self.route = "label"
         self.register_buffer("keys", torch.zeros(num, 1))
 
-    def lora(self, choice: Tensor) -> LoRA:
-        """The bank's K factor rows with ``index=choice`` (B,): samples sharing an edit share a row,
-        and the mounting code may apply each row once to its group (the segmented path)."""
-        stacked = LoRA.cat([l.lora() for l in self.loras])  # (K, ...) factor rows
-        return LoRA(stacked.factors, stacked.scale, index=choice)
-
     def set_keys(self, pooled: Tensor, edit_ids: Tensor) -> None:
         """Key k = mean pooled condition of edit k's training samples (pooled (n, F), unit rows)."""
-        self.keys = torch.stack([pooled[edit_ids == k].mean(0) for k in range(len(self.loras))])
+        self.keys = torch.stack([pooled[edit_ids == k].mean(0) for k in range(self.num)])
 
     def retrieve(self, pooled: Tensor) -> Tensor:
         """Index of the nearest key by cosine, per sample: pooled (B, F) -> (B,)."""
@@ -84,10 +78,7 @@ class LoRABank(nn.Module):
         return batch["edit_ids"] if self.route == "label" else self.retrieve(batch["pooled"])
 
     def predict(self, batch: dict) -> Tensor:
-        return edit_with(self.editor, batch, self.lora(self.choice(batch)), self.loras[0].mounted)
-
-    def num_parameters_per_lora(self) -> int:
-        return self.loras[0].num_trainable_parameters()
+        return edit_with(self.base, batch, self.lora(self.choice(batch)), self.mounted)
 
 
 class EditingMemory(nn.Module):
