@@ -10,14 +10,13 @@ Public API::
     y = fm(condition, x)
 """
 
-__version__ = "0.1.0"
-
 from . import hywu, io, peft_io, train
 from .generator import GeneratorConfig, ParameterGenerator
 from .lora import LoRA
 from .memory import FunctionalMemory, LoRABank, SharedLoRA
 from .targets import Target, resolve_targets
 from .tokens import TokenLayout
+from .version import __version__
 
 __all__ = ["FunctionalMemory", "LoRABank", "SharedLoRA", "GeneratorConfig", "ParameterGenerator", "LoRA", "Target",
-           "TokenLayout", "resolve_targets", "hywu", "peft_io", "__version__"]
+           "TokenLayout", "resolve_targets", "hywu", "io", "peft_io", "train", "__version__"]

@@ -18,7 +18,6 @@ where S = H*r/a and d = D/a. Factorized attention costs about N*S*(N+S) instead 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch

@@ -73,13 +73,13 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: di
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_json(path: str | Path) -> dict:
-    """A JSON file; a missing or damaged one fails with the file's name."""
+def read_json(path: str | Path, object_pairs_hook=None) -> dict:
+    """A JSON file; a missing or damaged one fails with the file's name (``object_pairs_hook``: as ``json.loads``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=object_pairs_hook)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path} as JSON: {e}") from e
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .. import io
 from ..generator import GeneratorConfig

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..io import read_json
 from .editor import Editor
 
 
@@ -84,7 +84,7 @@ class TextEncoder:
         self.model = _freeze(AutoModel.from_pretrained(self.path)).to(device)
         self.dim: int = self.model.config.hidden_size
         st_config = Path(self.path) / "sentence_bert_config.json"  # sentence-transformers' own limit
-        self.max_seq_length: int = json.loads(st_config.read_text())["max_seq_length"] if st_config.is_file() else 256
+        self.max_seq_length: int = read_json(st_config)["max_seq_length"] if st_config.is_file() else 256
         self.truncated: list[str] = []
         self._states: dict[tuple[str, int], Tensor] = {}  # (text, max_tokens) -> (n_tokens, dim)
         self._embeds: dict[str, Tensor] = {}

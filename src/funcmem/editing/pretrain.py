@@ -166,20 +166,6 @@ def pretrain_editor(crops: Tensor, config: EditorConfig | None = None, steps: in
     return editor
 
 
-@torch.no_grad()
-def edit_psnr(editor: Editor, crops: Tensor, text_encoder) -> dict[str, dict[str, float]]:
-    """Per op: PSNR (dB) of the clamped edit vs the target, and of the unedited input vs the target
-    (the identity baseline). Uses each op's first phrasing."""
-    out = {}
-    for name, (fn, phrasings) in PRETRAIN_OPS.items():
-        target = fn(crops)
-        states, mask = text_encoder.encode([phrasings[0]] * len(crops), editor.config.max_text_tokens)
-        pred = editor.edit(crops, states.to(crops.device), mask.to(crops.device))
-        psnr = lambda a: float((-10 * torch.log10(F.mse_loss(a, target).clamp(min=1e-10))).item())
-        out[name] = {"edit": psnr(pred), "identity_baseline": psnr(crops)}
-    return out
-
-
 # ---------------------------------------------------------------- cache
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 PAPER = {"gradient_conflict": -0.30}
 METHOD_LABELS = {"base": "base editor", "shared_lora": "shared LoRA", "shared_lora_matched": "shared LoRA (matched)",
