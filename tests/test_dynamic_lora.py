@@ -10,6 +10,7 @@ import torch
 
 import funcmem
 from funcmem import mount
+from funcmem.layers import routing
 from funcmem.lora import LoRA
 from helpers import MoE, TinyConvNet, TinyTransformer
 
@@ -102,14 +103,14 @@ def test_dispatcher_segments_repeated_loras():
     scattered = grouped[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
 
     def choice(index, tokens):
-        return mount.choose_path(mount.Routing(int(index.max()) + 1, index), 32, row, tokens * 2048, cpu)
+        return routing.choose_path(routing.Routing(int(index.max()) + 1, index), 32, row, tokens * 2048, cpu)
 
     assert choice(torch.zeros(32, dtype=torch.long), 1024) == "segmented"  # one LoRA: plain on the batch
     assert choice(grouped, 1) == choice(grouped, 1024) == "segmented"  # contiguous groups: slices
     assert choice(scattered, 1) == "segmented"  # decode-like: factor reads dominate
     assert choice(scattered, 64) == "per_sample"  # many tokens: gathering activations would dominate
     assert choice(torch.randperm(32), 1) == "per_sample"  # nothing repeats
-    small = mount.choose_path(mount.Routing(16, torch.arange(16).repeat_interleave(2)), 32, 3 * 64, 64, cpu)
+    small = routing.choose_path(routing.Routing(16, torch.arange(16).repeat_interleave(2)), 32, 3 * 64, 64, cpu)
     assert small == "per_sample"  # many tiny groups: the per-group cost wins
 
 
@@ -128,21 +129,21 @@ def test_wrappers_record_the_path_they_take():
         with mount.lora_path("per_sample"), fm.mounted(two_requests):
             base(x)
         assert qkv.last_path == "per_sample"
-    assert mount._path == "auto"
+    assert mount.current_path() == "auto"
     with pytest.raises(ValueError, match="unknown LoRA path"):
         mount.set_lora_path("triton")
 
 
 def test_routing_groups_scattered_samples_once():
-    routing = mount.Routing(3, torch.tensor([2, 0, 2, 1, 0, 0, 2, 1]))
-    groups = routing.groups(8, torch.device("cpu"))
+    r = routing.Routing(3, torch.tensor([2, 0, 2, 1, 0, 0, 2, 1]))
+    groups = r.groups(8, torch.device("cpu"))
     assert groups.rows == [0, 1, 2] and groups.bounds == [0, 3, 5, 8]
     assert groups.order.tolist() == [1, 4, 5, 3, 7, 0, 2, 6]
-    assert routing.groups(8, torch.device("cpu")) is groups  # computed once per batch size, shared by targets
-    contiguous = mount.Routing(2, torch.tensor([1, 1, 0])).groups(3, torch.device("cpu"))
+    assert r.groups(8, torch.device("cpu")) is groups  # computed once per batch size, shared by targets
+    contiguous = routing.Routing(2, torch.tensor([1, 1, 0])).groups(3, torch.device("cpu"))
     assert contiguous.order is None and contiguous.rows == [1, 0]  # slices of the batch, no copy
     with pytest.raises(IndexError, match="rows 0..5"):
-        mount.Routing(3, torch.tensor([0, 5])).groups(2, torch.device("cpu"))
+        routing.Routing(3, torch.tensor([0, 5])).groups(2, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("path", mount.PATHS)

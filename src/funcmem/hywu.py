@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from .generator import GeneratorConfig, ParameterGenerator
-from .io import load_safetensors_dir, read_safetensors, write_json, write_safetensors
+from .io import load_safetensors_dir, read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
-from .targets import Target, _describe, candidates, exact, group_layers
+from .memory import FunctionalMemory, read_config as read_funcmem_config
+from .targets import Target, candidates, describe, exact, group_layers
 from .tokens import Entry, TokenLayout
+from .version import __version__
 
 REQUIRED = ("token_dim", "rank", "alpha", "input_dim", "d_model", "head_dim", "dim_accumulation",
             "num_base_model_layers", "num_pg_layers", "prefix", "pg_mapping")
@@ -109,7 +111,7 @@ def read_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a HY-WU checkpoint directory: no config.json")
-    config = json.loads(file.read_text(), object_pairs_hook=OrderedDict)
+    config = read_json(file, object_pairs_hook=OrderedDict)
     if config.get("model_type") not in (None, "parameter_generator"):
         raise ValueError(f"{file}: model_type is {config.get('model_type')!r}, expected 'parameter_generator'")
     validate_config(config)
@@ -201,7 +203,7 @@ def check_base(config: dict, base: nn.Module) -> None:
                 near = [k for k in names if k.startswith(f"{prefix}{n}.")] or list(names)
                 raise ValueError(f"the HY-WU checkpoint puts LoRA on {name!r} ({prefix!r} + layer + pg_mapping path), "
                                  f"which the base lacks. The base has: {', '.join(near[:20])}")
-            found = _describe(name, *names[name])
+            found = describe(name, *names[name])
             if isinstance(found, str):
                 raise ValueError(f"the HY-WU checkpoint puts LoRA on {name!r}, a {found}")
             if len(found) != 1:
@@ -231,8 +233,6 @@ def from_pretrained(path: str | Path, base: nn.Module, dtype: torch.dtype = torc
         ValueError: a path the base lacks, dims that differ from the base's, weights that do not
             fit config.json.
     """
-    from .memory import FunctionalMemory
-
     config = read_config(path)
     check_base(config, base)
     state = load_safetensors_dir(path)
@@ -255,8 +255,6 @@ def funcmem_config(config: dict) -> dict:
     Non-grouped modules are recorded as ``linear`` targets (the format cannot say Conv2d); the
     HY-WU config itself is kept under ``hywu_config`` so that converting back is exact.
     """
-    from .memory import _version
-
     grid = grid_from_config(config)
     modules = {m[0]: m[1:] for m in expand_mapping(config["pg_mapping"])}
     resolved = {}
@@ -264,7 +262,7 @@ def funcmem_config(config: dict) -> dict:
         for slot in grid["slots"]:
             a_dim, b_dim, experts = modules[slot]
             resolved[f"{layer}.{slot}"] = ["experts" if experts else "linear", a_dim, b_dim, experts]
-    return {"funcmem_type": "FunctionalMemory", "funcmem_version": _version(), "targets": exact(list(resolved)),
+    return {"funcmem_type": "FunctionalMemory", "funcmem_version": __version__, "targets": exact(list(resolved)),
             "exclude": None, "rank": config["rank"], "alpha": float(config["alpha"]), "resolved_targets": resolved,
             "condition_dim": config["input_dim"], "generator": generator_config(config).to_dict(), "grid": grid,
             "hywu_config": config}
@@ -349,13 +347,11 @@ def convert_to_funcmem(src: str | Path, dst: str | Path) -> None:
     The weights are copied bit for bit (same names, same dtype; shards become one file), after
     checking they fit the config. ``dst`` must not exist or be empty.
     """
-    from .memory import _version
-
     config = read_config(src)
     state = load_safetensors_dir(src)
     _shape_check(config, state)
     dst = _empty_dir(dst)
-    write_safetensors(dst / WEIGHTS_NAME, state, metadata={"format": "pt", "funcmem_version": _version()})
+    write_safetensors(dst / WEIGHTS_NAME, state, metadata={"format": "pt", "funcmem_version": __version__})
     write_json(dst / "config.json", funcmem_config(config))
 
 
@@ -364,9 +360,7 @@ def convert_to_hywu(src: str | Path, dst: str | Path) -> None:
 
     The weights are copied bit for bit. ``dst`` must not exist or be empty.
     """
-    from .memory import _read_config
-
-    config = hywu_config(_read_config(src, "FunctionalMemory"))
+    config = hywu_config(read_funcmem_config(src, "FunctionalMemory"))
     state = read_safetensors(Path(src) / WEIGHTS_NAME)
     _shape_check(config, state)
     dst = _empty_dir(dst)

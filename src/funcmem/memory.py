@@ -19,16 +19,12 @@ from .generator import GeneratorConfig, ParameterGenerator
 from .guard import LoRAGuard, check_condition
 from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
+from .peft_io import export_peft, read_peft
 from .targets import Patterns, Target, resolve_targets
 from .tokens import Entry, TokenLayout
+from .version import __version__
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 class _Mountable(nn.Module):
@@ -76,7 +72,7 @@ class _Mountable(nn.Module):
         return sum(math.prod(t.a_shape(self.rank)) + math.prod(t.b_shape(self.rank)) for t in self.targets)
 
     def _target_config(self) -> dict:
-        return {"funcmem_version": _version(), "targets": self.target_patterns, "exclude": self.exclude,
+        return {"funcmem_version": __version__, "targets": self.target_patterns, "exclude": self.exclude,
                 "rank": self.rank, "alpha": self.alpha,
                 "resolved_targets": {t.name: t.signature() for t in self.targets}}
 
@@ -97,7 +93,7 @@ class _Mountable(nn.Module):
     def _save(self, path, config: dict, weights: dict[str, Tensor]) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path / WEIGHTS_NAME, weights, metadata={"format": "pt", "funcmem_version": _version()})
+        write_safetensors(path / WEIGHTS_NAME, weights, metadata={"format": "pt", "funcmem_version": __version__})
         write_json(path / CONFIG_NAME, config)
 
 
@@ -123,7 +119,8 @@ REQUIRED_FIELDS = {"FunctionalMemory": ("targets", "rank", "alpha", "condition_d
                    "LoRABank": ("targets", "rank", "alpha", "num", "resolved_targets")}
 
 
-def _read_config(path, kind: str) -> dict:
+def read_config(path, kind: str) -> dict:
+    """A funcmem directory's ``config.json``, checked to hold a ``kind`` with every field it needs."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a funcmem directory")
@@ -227,7 +224,7 @@ class FunctionalMemory(_Mountable):
     @classmethod
     def from_pretrained(cls, path, base: nn.Module) -> "FunctionalMemory":
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
-        config = _read_config(path, "FunctionalMemory")
+        config = read_config(path, "FunctionalMemory")
         fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
                  GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
         fm._check_targets(config["resolved_targets"], path)
@@ -236,8 +233,6 @@ class FunctionalMemory(_Mountable):
 
     def export_peft(self, lora: LoRA, index: int, path, base_model_name_or_path: str | None = None) -> None:
         """Write sample ``index`` of ``lora`` as a PEFT adapter directory (``funcmem.peft_io.export_peft``)."""
-        from .peft_io import export_peft
-
         export_peft(self, lora, index, path, base_model_name_or_path)
 
 
@@ -308,7 +303,7 @@ class LoRABank(_Mountable):
     @classmethod
     def from_pretrained(cls, path, base: nn.Module) -> "LoRABank":
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
-        config = _read_config(path, "LoRABank")
+        config = read_config(path, "LoRABank")
         bank = cls(base, config["targets"], config["rank"], config["alpha"], config["num"], config.get("exclude"))
         bank._check_targets(config["resolved_targets"], path)
         bank._load_factors(path)
@@ -316,8 +311,6 @@ class LoRABank(_Mountable):
 
     def export_peft(self, index: int, path, base_model_name_or_path: str | None = None) -> None:
         """Write LoRA ``index`` of the bank as a PEFT adapter directory."""
-        from .peft_io import export_peft
-
         export_peft(self, self.lora(), index, path, base_model_name_or_path)
 
 
@@ -350,7 +343,7 @@ class SharedLoRA(LoRABank):
 
     @classmethod
     def from_pretrained(cls, path, base: nn.Module) -> "SharedLoRA":
-        config = _read_config(path, "SharedLoRA")
+        config = read_config(path, "SharedLoRA")
         shared = cls(base, config["targets"], config["rank"], config["alpha"], config.get("exclude"))
         shared._check_targets(config["resolved_targets"], path)
         shared._load_factors(path)
@@ -358,15 +351,11 @@ class SharedLoRA(LoRABank):
 
     def export_peft(self, path, base_model_name_or_path: str | None = None) -> None:
         """Write the shared LoRA as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads."""
-        from .peft_io import export_peft
-
         export_peft(self, self.lora(), 0, path, base_model_name_or_path)
 
     @classmethod
     def from_peft(cls, base: nn.Module, path) -> "SharedLoRA":
         """A SharedLoRA on ``base`` holding a PEFT LoRA adapter directory's factors (see ``funcmem.peft_io``)."""
-        from .peft_io import read_peft
-
         adapter = read_peft(path, base)
         shared = cls(base, adapter.targets, adapter.rank, adapter.alpha)
         with torch.no_grad():

@@ -26,16 +26,15 @@ these files; only safetensors weights are read (never pickles).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from .io import read_safetensors, write_json, write_safetensors
+from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
-from .targets import Target, _describe, _unwrap, candidates, exact
+from .targets import Target, candidates, describe, exact, unwrap
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -55,18 +54,12 @@ UNSUPPORTED = {
 }
 
 
-def _owner(target: Target) -> tuple[str, str]:
-    """(module path, parameter name) of a stacked-experts target."""
-    owner, _, weight = target.name.rpartition(".")
-    return owner, weight
-
-
 def _expert_keys(targets: list[Target]) -> dict[str, str]:
     """PEFT module key of each experts target: parameters of one module nest, first innermost."""
     by_owner: dict[str, list[str]] = {}
     for t in targets:
         if t.kind == "experts":
-            by_owner.setdefault(_owner(t)[0], []).append(t.name)
+            by_owner.setdefault(t.owner, []).append(t.name)
     keys = {}
     for owner, names in by_owner.items():
         for j, name in enumerate(names):
@@ -103,7 +96,7 @@ def export_peft(mountable, lora: LoRA, index: int, path: str | Path, base_model_
             key = t.name
             modules.append(t.name)
         elif t.kind == "conv2d":
-            conv = _unwrap(mountable.base.get_submodule(t.name))
+            conv = unwrap(mountable.base.get_submodule(t.name))
             if conv.dilation != (1, 1):
                 raise NotImplementedError(f"{t.name}: PEFT's LoRA on Conv2d ignores dilation {conv.dilation}; "
                                           "it cannot hold this LoRA")
@@ -111,7 +104,7 @@ def export_peft(mountable, lora: LoRA, index: int, path: str | Path, base_model_
             modules.append(t.name)
             a, b = a.reshape(a.shape[0], conv.in_channels, *conv.kernel_size), b[..., None, None]
         else:
-            owner = _unwrap(mountable.base.get_submodule(_owner(t)[0]))
+            owner = unwrap(mountable.base.get_submodule(t.owner))
             if getattr(owner, "is_transposed", False):
                 raise NotImplementedError(f"{t.name}: PEFT reads this module's experts as (E, in, out) "
                                           "(is_transposed); funcmem's are (E, out, in)")
@@ -166,7 +159,7 @@ def read_peft(path: str | Path, base: nn.Module) -> PeftAdapter:
     file = path / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter directory")
-    config = json.loads(file.read_text())
+    config = read_json(file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
     for field, what in UNSUPPORTED.items():
@@ -211,7 +204,7 @@ def read_peft(path: str | Path, base: nn.Module) -> PeftAdapter:
             if name not in names:
                 raise NotImplementedError(f"{weights} holds LoRA for parameter {name!r}, which is not a stacked "
                                           "(E, out, in) expert weight: funcmem cannot hold it")
-        found = _describe(name, *names[name])
+        found = describe(name, *names[name])
         if isinstance(found, str) or len(found) != 1:
             why = found if isinstance(found, str) else "a module holding several stacked expert weights"
             raise NotImplementedError(f"{weights} holds LoRA for {name!r}, {why}: funcmem cannot hold it")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .layers.base import LoRALayer
+
 Patterns = str | list[str] | tuple[str, ...]
 
 
@@ -46,6 +48,17 @@ class Target:
     @property
     def slot(self) -> str:
         return split_layer(self.name)[1]
+
+    @property
+    def owner(self) -> str:
+        """Path of the module that holds the weight (and is wrapped): the name itself, or for
+        stacked expert weights the name without its last part."""
+        return self.name.rpartition(".")[0] if self.kind == "experts" else self.name
+
+    @property
+    def weight_name(self) -> str:
+        """The weight's parameter name inside its module: ``weight``, or the experts' own name."""
+        return self.name.rpartition(".")[2] if self.kind == "experts" else "weight"
 
     def a_shape(self, rank: int) -> tuple[int, ...]:
         """Shape of one sample's A factor."""
@@ -89,10 +102,8 @@ def _matches(name: str, patterns: Patterns) -> bool:
     return False
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """A funcmem wrapper stands for its base layer."""
-    from .mount import LoRALayer
-
     return module.base_layer if isinstance(module, LoRALayer) else module
 
 
@@ -101,7 +112,7 @@ def _stacked(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
 
 
-def _describe(name: str, module: nn.Module, weight: str | None) -> list[Target] | str:
+def describe(name: str, module: nn.Module, weight: str | None) -> list[Target] | str:
     """The targets a matched name stands for, else the reason it cannot take LoRA."""
     if weight is not None:
         e, out_f, in_f = module.get_parameter(weight).shape
@@ -116,7 +127,7 @@ def _describe(name: str, module: nn.Module, weight: str | None) -> list[Target] 
         kh, kw = module.kernel_size
         return [Target(name, "conv2d", module.in_channels * kh * kw, module.out_channels)]
     if _stacked(module):  # a module holding expert weights stands for all of them
-        return [t for w in _stacked(module) for t in _describe(f"{name}.{w}", module, w)]
+        return [t for w in _stacked(module) for t in describe(f"{name}.{w}", module, w)]
     return f"{type(module).__name__} (LoRA takes nn.Linear, nn.Conv2d or stacked (E, out, in) expert weights)"
 
 
@@ -125,8 +136,6 @@ def candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
 
     Modules inside funcmem wrappers are hidden; a wrapper stands for its base layer.
     """
-    from .mount import LoRALayer
-
     out: dict[str, tuple[nn.Module, str | None]] = {}
     wrappers: list[str] = []
     for name, module in model.named_modules():
@@ -134,7 +143,7 @@ def candidates(model: nn.Module) -> dict[str, tuple[nn.Module, str | None]]:
             continue
         if isinstance(module, LoRALayer):
             wrappers.append(name)
-        module = _unwrap(module)
+        module = unwrap(module)
         out[name] = (module, None)
         for w in _stacked(module):
             out[f"{name}.{w}"] = (module, w)
@@ -161,7 +170,7 @@ def resolve_targets(model: nn.Module, targets: Patterns, exclude: Patterns | Non
     for name, (module, weight) in names.items():
         if not _matches(name, targets) or (exclude and _matches(name, exclude)):
             continue
-        described = _describe(name, module, weight)
+        described = describe(name, module, weight)
         if isinstance(described, str):
             if any(True for _ in module.parameters(recurse=False)):
                 refused.append(f"{name}: {described}")
