@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..guard import clean_instruction
-from ..images import read_rgb
 from .data import fit_scale
+from .images import read_rgb
+from .text import clean_instruction
 
 
 def read_image(path: str | Path) -> Tensor:
-    """(3, H, W) float in [0, 1] (``funcmem.images.read_rgb``); a missing file is a
+    """(3, H, W) float in [0, 1] (``funcmem.editing.images.read_rgb``); a missing file is a
     FileNotFoundError, an unreadable or refused one an ``ImageError`` naming it and the reason."""
     return read_rgb(path)
 

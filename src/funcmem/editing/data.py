@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..images import ImageError, read_rgb
+from .images import ImageError, read_rgb
 from .ops import EDITS, Edit, sample_instruction
 
 _SPORCO = "public domain or freely redistributable per sporco's data/README.rst: "
@@ -70,7 +70,7 @@ class Photo:
 
 
 def _read_rgb(path: Path) -> Tensor:
-    """An image file as (3, H, W) float32 in [0, 1] (``funcmem.images.read_rgb``: EXIF rotation
+    """An image file as (3, H, W) float32 in [0, 1] (``funcmem.editing.images.read_rgb``: EXIF rotation
     applied, transparency composited on white; a bad file is an ``ImageError`` naming it)."""
     return read_rgb(path)
 

@@ -33,8 +33,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-from ..guard import clean_instruction
-from ..images import ImageError, decode_rgb
+from ..editing.images import ImageError, decode_rgb
+from ..editing.text import clean_instruction
 from .batching import Batcher, QueueFull
 from .cache import LoRACache
 from .engine import EditEngine, Job

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from funcmem.images import ImageError, decode_rgb, read_rgb
+from funcmem.editing.images import ImageError, decode_rgb, read_rgb
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
