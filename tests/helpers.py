@@ -1,7 +1,13 @@
-"""Small bases for the core tests."""
+"""Shared test helpers: small bases, the mounting cases every layer kind is checked on, random LoRAs.
+
+Fixtures live in ``conftest.py``; these are plain functions and classes (``from helpers import ...``).
+"""
 
 import torch
 from torch import nn
+
+import funcmem
+from funcmem.lora import LoRA
 
 
 class Block(nn.Module):
@@ -77,3 +83,40 @@ def randomize_b_head(fm, std: float = 0.02):
     with torch.no_grad():
         fm.generator.model.proj_out_B.weight.normal_(std=std)
         fm.generator.model.proj_out_B.bias.normal_(std=std)
+
+
+# ---------------------------------------------------------------- mounting cases and random LoRAs
+
+# layer kind -> (base, target patterns, inputs(batch) -> the base's positional inputs)
+CASES = {
+    "linear": (TinyTransformer, ["qkv", "fc1", "fc2", "head"], lambda n: (torch.randn(n, 5, 16),)),
+    "conv2d": (TinyConvNet, ["stages.*", "out"], lambda n: (torch.randn(n, 3, 9, 9),)),
+    "experts": (MoE, ["experts", "proj"], lambda n: (torch.randn(n, 4, 8), torch.randint(3, (n, 4)))),
+}
+RANK = 3
+
+
+def build(kind, dtype=torch.float32):
+    """(base, FunctionalMemory of rank ``RANK`` on it, inputs) for a layer kind of ``CASES``."""
+    torch.manual_seed(0)
+    make, targets, inputs = CASES[kind]
+    base = make().to(dtype)
+    fm = funcmem.FunctionalMemory(base, targets, rank=RANK, alpha=6, condition_dim=4,
+                                  generator=funcmem.GeneratorConfig(d_model=16, depth=1, head_dim=8, token_dim=8))
+    return base, fm, inputs
+
+
+def random_lora(source, rows, index=None, *, rank=None, scale=None, std=0.3, seed=None, dtype=torch.float32,
+                requires_grad=False) -> LoRA:
+    """Random factors N(0, std^2), ``rows`` per target, from a generator seeded with ``seed`` (default: ``rows``).
+
+    ``source``: a ``FunctionalMemory`` / ``SharedLoRA`` (its targets, rank and scale), or a list of
+    ``Target`` (then give ``rank``; ``scale`` defaults to 1).
+    """
+    targets = source
+    if not isinstance(source, (list, tuple)):
+        targets, rank, scale = source.targets, source.rank if rank is None else rank, source.scale if scale is None else scale
+    g = torch.Generator().manual_seed(rows if seed is None else seed)
+    factors = {t.name: tuple((std * torch.randn(rows, *shape, generator=g)).to(dtype).requires_grad_(requires_grad)
+                             for shape in (t.a_shape(rank), t.b_shape(rank))) for t in targets}
+    return LoRA(factors, 1.0 if scale is None else scale, index)
