@@ -268,28 +268,12 @@ def funcmem_config(config: dict) -> dict:
             "hywu_config": config}
 
 
-def hywu_config(config: dict) -> OrderedDict:
-    """The HY-WU ``config.json`` of a funcmem FunctionalMemory config.
+def _pg_mapping(by_name: dict[str, Target], layers: list[str], slots: list[str]) -> OrderedDict:
+    """HY-WU's ``pg_mapping`` of a funcmem target grid: slot -> dims, stacked experts grouped by module.
 
-    Needs layers named ``{prefix}0 .. {prefix}N-1``, every layer with every slot at the same
-    shape, no Conv2d targets, and a generator of the format's fixed kind (mlp_ratio 4, rope theta
-    10000, factorized attention); anything else is a ``ValueError`` naming it. A ``hywu_config``
-    kept by ``convert_to_funcmem`` is returned as written, after checking it agrees.
+    Raises ``ValueError`` where the format cannot hold the grid (a slot missing from a layer or
+    shaped differently across layers, a Conv2d, expert weights that cannot form a grouped entry).
     """
-    gen = GeneratorConfig.from_dict(config["generator"])
-    for field, value in FIXED_GENERATOR.items():
-        if getattr(gen, field) != value:
-            raise ValueError(f"the HY-WU format fixes generator.{field} = {value!r}; this generator has "
-                             f"{getattr(gen, field)!r}")
-    targets = [Target(name, *sig) for name, sig in config["resolved_targets"].items()]
-    by_name = {t.name: t for t in targets}
-    if config.get("grid"):
-        layers, slots = config["grid"]["layers"], config["grid"]["slots"]
-    else:
-        layers, slots = group_layers(targets)
-    prefix = re.sub(r"\d+$", "", layers[0])
-    if layers != [f"{prefix}{n}" for n in range(len(layers))]:
-        raise ValueError(f"HY-WU layers are '{{prefix}}0 .. {{prefix}}N-1'; these targets' layers are {layers[:6]}")
     pg_mapping: OrderedDict = OrderedDict()
     for slot in slots:
         sigs = {layer: by_name.get(f"{layer}.{slot}") for layer in layers}
@@ -316,6 +300,32 @@ def hywu_config(config: dict) -> OrderedDict:
             group = pg_mapping[owner] = OrderedDict(type="grouped", num_experts=t.num_experts,
                                                     sub_weights=OrderedDict())
         group["sub_weights"][sub] = dims
+    return pg_mapping
+
+
+def hywu_config(config: dict) -> OrderedDict:
+    """The HY-WU ``config.json`` of a funcmem FunctionalMemory config.
+
+    Needs layers named ``{prefix}0 .. {prefix}N-1``, every layer with every slot at the same
+    shape, no Conv2d targets, and a generator of the format's fixed kind (mlp_ratio 4, rope theta
+    10000, factorized attention); anything else is a ``ValueError`` naming it. A ``hywu_config``
+    kept by ``convert_to_funcmem`` is returned as written, after checking it agrees.
+    """
+    gen = GeneratorConfig.from_dict(config["generator"])
+    for field, value in FIXED_GENERATOR.items():
+        if getattr(gen, field) != value:
+            raise ValueError(f"the HY-WU format fixes generator.{field} = {value!r}; this generator has "
+                             f"{getattr(gen, field)!r}")
+    targets = [Target(name, *sig) for name, sig in config["resolved_targets"].items()]
+    by_name = {t.name: t for t in targets}
+    if config.get("grid"):
+        layers, slots = config["grid"]["layers"], config["grid"]["slots"]
+    else:
+        layers, slots = group_layers(targets)
+    prefix = re.sub(r"\d+$", "", layers[0])
+    if layers != [f"{prefix}{n}" for n in range(len(layers))]:
+        raise ValueError(f"HY-WU layers are '{{prefix}}0 .. {{prefix}}N-1'; these targets' layers are {layers[:6]}")
+    pg_mapping = _pg_mapping(by_name, layers, slots)
     alpha = config["alpha"]
     derived = OrderedDict(
         model_type="parameter_generator", token_dim=gen.token_dim, rank=config["rank"],
@@ -368,19 +378,18 @@ def convert_to_hywu(src: str | Path, dst: str | Path) -> None:
     write_json(dst / "config.json", config)
 
 
-def add_commands(subparsers) -> None:
+def add_arguments(parser) -> None:
     """``funcmem convert hywu-to-funcmem SRC DST`` and ``funcmem convert funcmem-to-hywu SRC DST``."""
-    convert = subparsers.add_parser("convert", help="convert a generator checkpoint between formats (lossless)")
-    how = convert.add_subparsers(dest="direction", required=True)
-    for name, fn, text in (("hywu-to-funcmem", convert_to_funcmem, "HY-WU checkpoint -> funcmem generator directory"),
-                           ("funcmem-to-hywu", convert_to_hywu, "funcmem generator directory -> HY-WU checkpoint")):
+    how = parser.add_subparsers(dest="direction", required=True)
+    for name, text in (("hywu-to-funcmem", "HY-WU checkpoint -> funcmem generator directory"),
+                       ("funcmem-to-hywu", "funcmem generator directory -> HY-WU checkpoint")):
         p = how.add_parser(name, help=text)
         p.add_argument("src", help="source directory")
         p.add_argument("dst", help="destination directory (new or empty)")
-        p.set_defaults(func=lambda args, fn=fn: _run(fn, args))
 
 
-def _run(fn, args) -> int:
-    fn(args.src, args.dst)
+def run_cli(args) -> int:
+    convert = {"hywu-to-funcmem": convert_to_funcmem, "funcmem-to-hywu": convert_to_hywu}[args.direction]
+    convert(args.src, args.dst)
     print(f"wrote {args.dst}")
     return 0

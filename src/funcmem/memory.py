@@ -133,7 +133,7 @@ def read_config(path, kind: str) -> dict:
     return config
 
 
-def _load_weights(module: nn.Module, path) -> None:
+def load_weights(module: nn.Module, path) -> None:
     """Load ``model.safetensors`` into ``module``; a mismatch names the file and the weights."""
     file = Path(path) / WEIGHTS_NAME
     state, own = read_safetensors(file), module.state_dict()
@@ -228,7 +228,7 @@ class FunctionalMemory(_Mountable):
         fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
                  GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
         fm._check_targets(config["resolved_targets"], path)
-        _load_weights(fm.generator, path)
+        load_weights(fm.generator, path)
         return fm
 
     def export_peft(self, lora: LoRA, index: int, path, base_model_name_or_path: str | None = None) -> None:

@@ -9,8 +9,11 @@ import torch
 from PIL import Image
 
 from funcmem.cli import main
-from funcmem.editing.benchmark import BenchmarkConfig, matched_rank, mean_over_seeds, run
-from funcmem.editing.report import write_report
+from funcmem.editing.benchmark import BenchmarkConfig, run
+from funcmem.editing.benchmark.evaluate import mean_over_seeds
+from funcmem.editing.benchmark.report import write_report
+from funcmem.editing.benchmark.training import matched_rank
+from funcmem.editing.rundir import REQUIRED_FILES
 
 METHOD_KEYS = {"base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory"}
 
@@ -53,6 +56,8 @@ def test_results_json_has_every_key(tiny_run):
     assert not set(r["splits"]["train_photos"]) & set(r["splits"]["test_photos"])
     for name in ("report.md", "edits.png", "conflict.png", "manifold.png", "scaling.png", "manifest.json"):
         assert (out / name).is_file(), name
+    for name in (*REQUIRED_FILES, "per_task_lora/keys.safetensors", "shared_lora_matched/config.json"):
+        assert (out / name).is_file(), name  # the run directory
 
 
 def test_edit_command_keeps_the_input_size(tiny_run, tmp_path):

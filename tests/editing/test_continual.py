@@ -1,6 +1,5 @@
-"""Continual learning: the metric definitions on hand-made matrices, the distillation distance, the
-condition store (conditions, not images), the protocol's data isolation, and the command end to end
-on a tiny run."""
+"""Continual learning: the metric definitions on hand-made matrices, the protocol's data isolation,
+and the command end to end on a tiny run (distillation itself: tests/test_distill.py)."""
 
 import json
 import math
@@ -9,11 +8,11 @@ import pytest
 import torch
 
 from funcmem.cli import main
-from funcmem.editing import continual
+from funcmem.editing import continual, rundir
+from funcmem.editing.benchmark.config import BenchmarkConfig
+from funcmem.editing.continual import EDIT_NAMES, ContinualConfig, learners, protocol, summarize
+from funcmem.editing.continual.cli import config as config_from_flags
 from funcmem.editing.editor import Editor
-from funcmem.editing.continual import (EDIT_NAMES, ConditionStore, ContinualConfig, product_sq_distance,
-                                       summarize)
-from funcmem.lora import LoRA
 
 # ------------------------------------------------------------------ metrics
 
@@ -45,55 +44,21 @@ def test_summarize_rejects_missing_or_ragged_entries():
         summarize([[1.0], [1.0, 2.0]])
 
 
-# ------------------------------------------------------------------ distillation distance
-
-
-def _random_lora(n=3, r=2, shapes=((5, 7), (4, 6)), scale=1.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return LoRA({f"t{i}": (torch.randn(n, r, i_, generator=g), torch.randn(n, o, r, generator=g))
-                 for i, (o, i_) in enumerate(shapes)}, scale)
-
-
-def test_product_distance_equals_the_dense_update_difference():
-    new, old = _random_lora(seed=0), _random_lora(seed=1)
-    dense = lambda l: {k: l.scale * b @ a for k, (a, b) in l.factors.items()}
-    dn, do = dense(new), dense(old)
-    expected = sum((dn[k] - do[k]).pow(2).flatten(1).sum(1) for k in dn)
-    assert torch.allclose(product_sq_distance(new, old), expected, rtol=1e-4)
-    assert torch.allclose(product_sq_distance(new), sum(dn[k].pow(2).flatten(1).sum(1) for k in dn), rtol=1e-4)
-
-
-def test_product_distance_ignores_the_factorisation():
-    lora = _random_lora()
-    q = torch.tensor([[2.0, 1.0], [0.5, 3.0]])
-    twisted = LoRA({k: (torch.linalg.inv(q) @ a, b @ q) for k, (a, b) in lora.factors.items()}, lora.scale)
-    assert product_sq_distance(twisted, lora).max() < 1e-6 * product_sq_distance(lora).max()
-
-
-def test_store_holds_condition_vectors_and_counts_its_bytes():
-    store = ConditionStore()
-    store.add(torch.randn(4, 10, 8), torch.tensor([0, 0, 3, 3]))
-    store.add(torch.randn(2, 10, 8), torch.tensor([5, 5]))
-    assert len(store) == 6 and set(store.tensors()) == {"conditions", "edit_ids"}
-    assert store.conditions.dtype == torch.float16 and store.conditions.shape == (6, 10, 8)
-    assert store.nbytes == 6 * 10 * 8 * 2 + 6
-
-
 # ------------------------------------------------------------------ the protocol end to end
 
 
-def tiny_config(tmp_path_factory, **changes):
-    return ContinualConfig.quick(**{**dict(
-        groups={"A": ["blur", "sharpen"], "B": ["brighten", "darken"]}, train_per_group=24, test_per_group=8,
-        steps=3, batch=4, store_per_edit=2, replay_batch=4, forget_steps=3,
-        editor={"width": 32, "depth": 2, "heads": 2}, cache_dir=str(tmp_path_factory.mktemp("cache"))), **changes})
+def tiny_config(tmp_path_factory):
+    stages = BenchmarkConfig.quick(steps=3, batch=4, editor={"width": 32, "depth": 2, "heads": 2}, conditions=["encoders"],
+                                   seeds=[0], cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return ContinualConfig.quick(stages, groups={"A": ["blur", "sharpen"], "B": ["brighten", "darken"]},
+                                 train_per_group=24, test_per_group=8, store_per_edit=2, replay_batch=4, forget_steps=3)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """The protocol on a tiny config, recording what every training call saw."""
     seen = []
-    original = continual.train
+    original = learners.train
 
     def recording_train(method, data, condition, cfg, lr, seed, name, **kwargs):
         seen.append((name, sorted(set(data.edit_ids.tolist())), kwargs.get("loss_fn")))
@@ -104,8 +69,8 @@ def tiny_run(tmp_path_factory):
         return Editor(config).requires_grad_(False).eval()
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(continual, "train", recording_train)
-    mp.setattr(continual, "load_or_train_editor", untrained_editor)
+    mp.setattr(learners, "train", recording_train)
+    mp.setattr(protocol, "load_or_train_editor", untrained_editor)
     cfg = tiny_config(tmp_path_factory)
     out = tmp_path_factory.mktemp("continual")
     threads = torch.get_num_threads()
@@ -129,7 +94,7 @@ def test_every_stage_trains_on_its_own_group_only(tiny_run):
 
 def test_only_fm_replay_distils_and_only_after_the_first_stage(tiny_run):
     _, _, _, seen = tiny_run
-    replay = {name: isinstance(loss, continual.ReplayLoss) for name, _, loss in seen}
+    replay = {name: isinstance(loss, learners.ReplayLoss) for name, _, loss in seen}
     assert replay == {name: name == "fm_replay: stage B" for name in replay}
 
 
@@ -148,7 +113,7 @@ def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     assert per_task == [shared, 2 * shared]  # one more LoRA per stage
     store = r["methods"]["fm_replay"]["store"]
     assert store["conditions"] == 2 * 2 * cfg.store_per_edit  # 2 stages x 2 edits x store_per_edit
-    assert store["shape"][-1] == cfg.condition_dim  # condition vectors, not 3 x S x S images
+    assert store["shape"][-1] == cfg.benchmark.condition_dim  # condition vectors, not 3 x S x S images
     assert r["methods"]["fm_replay"]["storage"]["store"] == store["bytes"] > 0
     assert r["methods"]["fm_naive"]["storage"]["store"] == 0
     f = r["forget"]
@@ -159,41 +124,29 @@ def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     for name in ("continual.json", "continual.png", "continual.md"):
         assert (out / name).is_file(), name
     assert "Removing an edit" in (out / "continual.md").read_text()
+    assert r["config"]["benchmark"]["steps"] == cfg.benchmark.steps  # the stages' settings, by composition
 
 
-def test_forgetting_uses_the_store_only(tiny_run, monkeypatch):
-    """forget_edit's batches are indices into the store; it never touches an EditSet."""
-    _, cfg, _, _ = tiny_run
-    store = ConditionStore()
-    store.add(torch.randn(4, 5, cfg.condition_dim), torch.tensor([0, 0, 1, 1]))
-    calls = []
-
-    class FakeMemory(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.generator = torch.nn.Linear(cfg.condition_dim, 6)
-
-        @property
-        def fm(self):  # EditingMemory's layout: memory.fm.generate / memory.fm.generator
-            return self
-
-        def generate(self, c):  # (n, L, D) -> a rank-1 LoRA on one 3 x 2 target
-            calls.append(c.shape)
-            h = self.generator(c.mean(1))  # (n, 6)
-            return LoRA({"t": (h[:, None, :2], h[:, 2:5, None])}, 1.0)
-
-    memory = FakeMemory()
-    before = product_sq_distance(memory.generate(store.conditions[:2].float())).mean().item()
-    continual.forget_edit(memory, store, 0, ContinualConfig(forget_steps=30, forget_lr=3e-2, replay_batch=2))
-    after = product_sq_distance(memory.generate(store.conditions[:2].float())).mean().item()
-    assert after < before
-    assert all(s[-1] == cfg.condition_dim for s in calls)
+def test_the_run_directory_holds_the_replay_generator(tiny_run, monkeypatch):
+    """``funcmem edit`` / ``eval`` / ``serve`` load a continual run like a demo run."""
+    out, cfg, _, _ = tiny_run
+    monkeypatch.setattr(rundir, "TextEncoder", lambda: None)  # no MiniLM: only the saved parts are checked
+    monkeypatch.setattr(rundir, "make_encoder", lambda name, editor, text: type("E", (), {"raw_dims": raw_dims})())
+    raw_dims = rundir.read_json(out / "functional_memory" / "projector.json")["raw_dims"]
+    run = rundir.load_run(out)
+    assert set(run.methods) == {"base", "functional_memory"} and run.size == cfg.benchmark.size
+    assert run.memory.fm.rank == cfg.benchmark.rank
 
 
-def test_cli_registers_the_command(tmp_path):
+def test_cli_registers_the_command_with_the_shared_flags(tmp_path):
     from funcmem.cli import build_parser
+    from funcmem.editing.continual import cli
 
-    args = build_parser().parse_args(["continual", "--quick", "--out", str(tmp_path), "--forget", "blur"])
-    assert args.func is continual.cmd_continual and args.quick and args.forget == "blur"
+    argv = ["continual", "--quick", "--out", str(tmp_path), "--forget", "blur", "--steps", "7", "--images", "x"]
+    args = build_parser(argv).parse_args(argv)
+    assert args.run_cli is cli.run_cli and args.quick and args.forget == "blur"
+    cfg = config_from_flags(args)
+    assert cfg.benchmark.steps == 7 and cfg.benchmark.images == "x" and cfg.train_per_group == 384
+    assert config_from_flags(build_parser(["continual"]).parse_args(["continual"])).benchmark.steps == 600
     with pytest.raises(SystemExit):
         main(["continual", "--forget", "not_an_edit"])

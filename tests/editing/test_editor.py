@@ -149,3 +149,8 @@ def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch, text_encode
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
     pretrain.load_or_train_editor(**{**kwargs, "seed": 1})  # other settings -> another checkpoint
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 4
+
+
+def test_unknown_config_fields_are_named():
+    with pytest.raises(ValueError, match=r"unknown EditorConfig fields \['colour'\]"):
+        EditorConfig.from_dict({"width": 32, "colour": 1})

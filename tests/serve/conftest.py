@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 from funcmem.serve.app import Service, create_app  # noqa: E402
 from funcmem.serve.limits import ServeConfig  # noqa: E402
 
-from .tiny_run import make_tiny_run  # noqa: E402
+from editing.tiny_run import make_tiny_run  # noqa: E402
 
 LIMITS = dict(max_upload_bytes=200_000, max_pixels=1_000_000, max_instruction_chars=100, chunk=4,
               max_batch=16, max_wait_ms=20.0, manifold_crops=1)

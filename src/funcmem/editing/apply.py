@@ -9,6 +9,7 @@ has the input's size and keeps its detail where the edit leaves it alone.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from .data import fit_scale
 from .images import read_rgb
+from .rundir import Run, load_run
 from .text import clean_instruction
 
 
@@ -35,15 +37,16 @@ def write_image(image: Tensor, path: str | Path) -> None:
 
 
 @torch.no_grad()
-def edit_image(loaded: dict, image: Tensor, instruction: str, method: str = "functional_memory") -> Tensor:
-    """Edit ``image`` (3, H, W) as told, with a run from ``benchmark.load_run`` -> (3, H, W)."""
+def edit_image(run: Run, image: Tensor, instruction: str, method: str = "functional_memory") -> Tensor:
+    """Edit ``image`` (3, H, W) as told, with a run from ``rundir.load_run`` -> (3, H, W)."""
+    if method not in run.methods:
+        raise ValueError(f"the run has no method {method!r}; it has {sorted(run.methods)}")
     instruction = clean_instruction(instruction)  # empty / too long refused, control characters removed
-    tiles, grid = to_tiles(image, loaded["config"].size)
+    tiles, grid = to_tiles(image, run.size)
     instructions = [instruction] * len(tiles)
-    states, mask = loaded["text_encoder"].encode(instructions, loaded["editor"].config.max_text_tokens)
-    batch = {"inputs": tiles, "text_states": states, "text_mask": mask,
-             "raw": loaded["encoder"].raw(tiles, instructions)}
-    edited = loaded["methods"][method].predict(batch)  # (gh*gw, 3, size, size)
+    states, mask = run.text_encoder.encode(instructions, run.editor.config.max_text_tokens)
+    batch = {"inputs": tiles, "text_states": states, "text_mask": mask, "raw": run.encoder.raw(tiles, instructions)}
+    edited = run.methods[method].predict(batch)  # (gh*gw, 3, size, size)
     return from_tiles(edited, tiles, grid, image)
 
 
@@ -72,3 +75,20 @@ def from_tiles(edited: Tensor, tiles: Tensor, grid: tuple[int, int, int, int], i
     delta = delta.permute(2, 0, 3, 1, 4).reshape(3, gh * size, gw * size)[:, :h, :w]
     delta = F.interpolate(delta[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
     return (image + delta).clamp(0, 1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``funcmem edit``'s options."""
+    parser.add_argument("--run", required=True, help="a run directory (`funcmem demo` output)")
+    parser.add_argument("image")
+    parser.add_argument("instruction")
+    parser.add_argument("-o", "--output", required=True)
+    parser.add_argument("--method", default="functional_memory")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    image = read_image(args.image)
+    out = edit_image(load_run(args.run), image, args.instruction, args.method)
+    write_image(out, args.output)
+    print(f"wrote {args.output} ({out.shape[2]}x{out.shape[1]})")
+    return 0

@@ -307,3 +307,13 @@ class ConditionProjector(nn.Module):
             m = raw.get(f"{name}_mask")
             parts.append(m.bool() if m is not None else torch.ones(x.shape[0], length, dtype=torch.bool, device=x.device))
         return torch.cat(parts, dim=1)
+
+
+def make_encoder(name: str, editor: Editor, text_encoder: TextEncoder) -> ConditionEncoder:
+    """The condition encoder a run names: ``"encoders"`` (MiniLM + EfficientNet-Lite0 streams) or
+    ``"base-hidden"`` (the frozen editor's own last-block states)."""
+    if name == "encoders":
+        return MiniLMEfficientNet(text_encoder)
+    if name == "base-hidden":
+        return BaseHiddenEncoder(editor, text_encoder)
+    raise ValueError(f"unknown condition {name!r}; conditions: 'encoders', 'base-hidden'")

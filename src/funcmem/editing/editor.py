@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..io import config_from_dict
+from ..io import config_from_dict, read_json, write_json, write_safetensors
+from ..memory import CONFIG_NAME, WEIGHTS_NAME, load_weights
+from ..version import __version__
 
 
 @dataclass
@@ -210,3 +213,24 @@ class Editor(nn.Module):
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path) -> None:
+        """Write ``config.json`` (the ``EditorConfig``) and ``model.safetensors`` to a directory.
+
+        The weights are the editor's own (LoRA wrappers mounted on it save the base's keys).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
+        write_json(path / CONFIG_NAME, {"funcmem_type": "Editor", "funcmem_version": __version__,
+                                        "editor": self.config.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Editor":
+        """An editor saved by ``save_pretrained``, frozen and in eval mode."""
+        config = read_json(Path(path) / CONFIG_NAME)
+        if config.get("funcmem_type") != "Editor" or "editor" not in config:
+            raise ValueError(f"{Path(path) / CONFIG_NAME} does not describe an Editor")
+        editor = cls(EditorConfig.from_dict(config["editor"]))
+        load_weights(editor, path)
+        return editor.requires_grad_(False).eval()

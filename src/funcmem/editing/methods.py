@@ -13,15 +13,21 @@ streams under ``raw``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..generator import GeneratorConfig
+from ..io import read_json, read_safetensors, write_json, write_safetensors
 from ..lora import LoRA
 from ..memory import FunctionalMemory, LoRABank, SharedLoRA
 from .conditions import ConditionProjector
 from .editor import Editor
+
+PROJECTOR_CONFIG, PROJECTOR_WEIGHTS = "projector.json", "projector.safetensors"
+KEYS_NAME = "keys.safetensors"  # a Bank's retrieval keys
 
 
 def edit_with(editor: Editor, batch: dict, lora: LoRA | None = None, mount=None) -> Tensor:
@@ -80,23 +86,42 @@ class Bank(LoRABank):
     def predict(self, batch: dict) -> Tensor:
         return edit_with(self.base, batch, self.lora(self.choice(batch)), self.mounted)
 
+    def save_pretrained(self, path) -> None:
+        """The bank's directory (``LoRABank.save_pretrained``) plus the retrieval keys."""
+        super().save_pretrained(path)
+        write_safetensors(Path(path) / KEYS_NAME, {"keys": self.keys})
+
+    @classmethod
+    def from_pretrained(cls, path, base: nn.Module) -> "Bank":
+        bank = super().from_pretrained(path, base)
+        bank.keys = read_safetensors(Path(path) / KEYS_NAME)["keys"]
+        return bank
+
 
 class EditingMemory(nn.Module):
     """Functional memory for the editor: raw condition -> projector -> generator -> LoRA.
 
     Args:
-        editor: the frozen base.
-        raw_dims: the condition encoder's ``raw_dims``.
-        targets, rank, alpha: LoRA targets on the editor.
-        condition_dim: projector width = the generator's ``condition_dim``.
-        generator: generator size.
+        projector: maps the condition encoder's raw streams to (B, L, condition_dim).
+        fm: the ``FunctionalMemory`` on the frozen editor.
+
+    ``EditingMemory.create`` builds a fresh one; ``save_pretrained`` / ``from_pretrained`` use the
+    generator's own directory format plus the projector (``projector.json``, ``projector.safetensors``).
     """
 
-    def __init__(self, editor: Editor, raw_dims: dict[str, int], targets, rank: int, alpha: float,
-                 condition_dim: int, generator: GeneratorConfig):
+    def __init__(self, projector: ConditionProjector, fm: FunctionalMemory):
         super().__init__()
-        self.projector = ConditionProjector(raw_dims, condition_dim)
-        self.fm = FunctionalMemory(editor, targets, rank, alpha, condition_dim, generator)
+        if projector.dim != fm.condition_dim:
+            raise ValueError(f"the projector's width {projector.dim} is not the generator's condition_dim "
+                             f"{fm.condition_dim}")
+        self.projector, self.fm = projector, fm
+
+    @classmethod
+    def create(cls, editor: Editor, raw_dims: dict[str, int], targets, rank: int, alpha: float,
+               condition_dim: int, generator: GeneratorConfig) -> "EditingMemory":
+        """A fresh projector (``raw_dims``: the condition encoder's) and generator on ``editor``."""
+        return cls(ConditionProjector(raw_dims, condition_dim),
+                   FunctionalMemory(editor, targets, rank, alpha, condition_dim, generator))
 
     def condition(self, batch: dict) -> Tensor:
         return self.projector(batch["raw"])
@@ -109,6 +134,23 @@ class EditingMemory(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def save_pretrained(self, path) -> None:
+        """The generator's directory (``FunctionalMemory.save_pretrained``) plus the projector."""
+        path = Path(path)
+        self.fm.save_pretrained(path)
+        write_json(path / PROJECTOR_CONFIG, {"raw_dims": self.projector.raw_dims, "dim": self.projector.dim})
+        write_safetensors(path / PROJECTOR_WEIGHTS, self.projector.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, path, editor: Editor) -> "EditingMemory":
+        """Rebuild on ``editor``; the generator goes through ``FunctionalMemory.from_pretrained``
+        (which refuses an editor whose targets differ from the saved ones)."""
+        path = Path(path)
+        config = read_json(path / PROJECTOR_CONFIG)
+        projector = ConditionProjector(config["raw_dims"], config["dim"])
+        projector.load_state_dict(read_safetensors(path / PROJECTOR_WEIGHTS))
+        return cls(projector, FunctionalMemory.from_pretrained(path, editor))
 
 
 def pooled_condition(raw: dict[str, Tensor]) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..editing.apply import from_tiles, to_tiles
-from ..editing.benchmark import load_run
+from ..editing.rundir import load_run, weight_files
 from ..lora import LoRA
 from ..mount import lora_path
 
@@ -88,11 +88,11 @@ class EditEngine:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
         self.run_dir = Path(run)
         self.loaded = load_run(self.run_dir, device)
-        self.memory = self.loaded["methods"]["functional_memory"]
-        self.editor = self.loaded["editor"]
-        self.encoder = self.loaded["encoder"]
-        self.text_encoder = self.loaded["text_encoder"]
-        self.size: int = self.loaded["config"].size
+        self.memory = self.loaded.memory
+        self.editor = self.loaded.editor
+        self.encoder = self.loaded.encoder
+        self.text_encoder = self.loaded.text_encoder
+        self.size: int = self.loaded.size
         self.max_text_tokens: int = self.editor.config.max_text_tokens
         self.chunk = chunk
         self.device = torch.device(device)
@@ -101,9 +101,8 @@ class EditEngine:
     def _model_id(self) -> str:
         """A hash of the run's weights: part of every cache key."""
         h = hashlib.sha256()
-        for name in ("editor.safetensors", "functional_memory/model.safetensors",
-                     "functional_memory/projector.safetensors"):
-            h.update((self.run_dir / name).read_bytes())
+        for file in weight_files(self.run_dir):
+            h.update(file.read_bytes())
         return h.hexdigest()[:16]
 
     def cache_key(self, image_bytes: bytes, instruction: str) -> str:
@@ -152,7 +151,7 @@ class EditEngine:
             rows = LoRA({k: (_pad(a, self.chunk), _pad(b, self.chunk)) for k, (a, b) in rows.factors.items()},
                         rows.scale).to(self.device)
             args = (_pad(tiles[s:e], self.chunk), _pad(states[s:e], self.chunk), _pad(mask[s:e], self.chunk))
-            with lora_path("per_sample"), self.memory.fm.mounted(rows):  # one row per sample, whatever the chunk
+            with lora_path("per_sample"), self.memory.fm.mounted(rows):  # one row per sample, whatever the chunk (this thread only)
                 out.append(self.editor(*(a.to(self.device) for a in args))[: e - s].cpu())
         return torch.cat(out)
 

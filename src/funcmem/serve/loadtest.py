@@ -11,6 +11,7 @@ the change over the run).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import ipaddress
@@ -21,6 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from ..io import write_json
 from .manifold import example_instructions
 from .metrics import parse
 
@@ -130,3 +132,28 @@ def format_report(r: dict) -> str:
              f"errors {r['errors']} {r['error_kinds'] or ''}".rstrip(),
              f"mean batch size {r['mean_batch_size']:.2f} over {r['batches']:.0f} batches"]
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``funcmem loadtest``'s options."""
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="loopback only")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--duration", type=float, default=300.0, help="no new request after this many seconds")
+    parser.add_argument("--size", type=int, default=64, help="side of the square test image")
+    parser.add_argument("--repeat", action="store_true", help="send the same image every time (LoRA cache hits)")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        result = run_loadtest(args.url, args.concurrency, args.requests, args.duration, (args.size, args.size),
+                              args.repeat, args.timeout)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    print(format_report(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0 if result["errors"] == 0 else 1

@@ -1,8 +1,6 @@
-"""Fast dynamic LoRA: every application path equals per-sample merged weights, in float32, half
-precision and under torch.compile; the dispatcher segments repeated LoRAs; gradients flow
-through every path; ``funcmem bench`` writes its report. No timing is asserted here."""
+"""Every application path (plain, per-sample, tiled, segmented) equals per-sample merged weights, in
+float32, half precision and under torch.compile; gradients flow through every path."""
 
-import json
 import shutil
 
 import pytest
@@ -10,16 +8,9 @@ import torch
 
 import funcmem
 from funcmem import mount
-from funcmem.layers import routing
 from funcmem.lora import LoRA
-from helpers import MoE, TinyConvNet, TinyTransformer
+from helpers import CASES, RANK, build, random_lora
 
-RANK = 3
-BASES = {
-    "linear": (TinyTransformer, ["qkv", "fc1", "fc2", "head"], lambda n: (torch.randn(n, 5, 16),)),
-    "conv2d": (TinyConvNet, ["stages.*", "out"], lambda n: (torch.randn(n, 3, 9, 9),)),
-    "experts": (MoE, ["experts", "proj"], lambda n: (torch.randn(n, 4, 8), torch.randint(3, (n, 4)))),
-}
 # How 8 input samples meet the LoRA: (factor rows, index or None)
 LAYOUTS = {
     "distinct": (8, None),  # n == b
@@ -34,22 +25,6 @@ LAYOUTS = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def build(kind, dtype=torch.float32):
-    torch.manual_seed(0)
-    make, targets, inputs = BASES[kind]
-    base = make().to(dtype)
-    fm = funcmem.FunctionalMemory(base, targets, rank=RANK, alpha=6, condition_dim=4,
-                                  generator=funcmem.GeneratorConfig(d_model=16, depth=1, head_dim=8, token_dim=8))
-    return base, fm, inputs
-
-
-def random_lora(fm, rows, index=None, dtype=torch.float32, requires_grad=False):
-    g = torch.Generator().manual_seed(rows)
-    factors = {t.name: tuple((0.3 * torch.randn(rows, *shape, generator=g)).to(dtype).requires_grad_(requires_grad)
-                             for shape in (t.a_shape(fm.rank), t.b_shape(fm.rank))) for t in fm.targets}
-    return LoRA(factors, fm.scale, index)
-
-
 def reference(base, fm, lora, args):
     """Each sample alone through the base with its LoRA merged into the weights."""
     outs = []
@@ -62,7 +37,7 @@ def reference(base, fm, lora, args):
 
 @pytest.mark.parametrize("path", mount.PATHS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize("kind", list(CASES))
 def test_every_path_equals_merged_reference(kind, layout, path):
     base, fm, inputs = build(kind)
     rows, index = LAYOUTS[layout]
@@ -94,56 +69,6 @@ def test_half_precision_computes_in_the_input_dtype(kind, path, dtype):
             got = base(x)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
-
-
-def test_dispatcher_segments_repeated_loras():
-    """The auto choice on a d=1024, rank-16 layer and a batch of 32 (cost model, no timing)."""
-    row, cpu = 16 * 2048, torch.device("cpu")  # factor elements of one LoRA: r (in + out)
-    grouped = torch.arange(6).repeat_interleave(torch.tensor([6, 6, 5, 5, 5, 5]))
-    scattered = grouped[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
-
-    def choice(index, tokens):
-        return routing.choose_path(routing.Routing(int(index.max()) + 1, index), 32, row, tokens * 2048, cpu)
-
-    assert choice(torch.zeros(32, dtype=torch.long), 1024) == "segmented"  # one LoRA: plain on the batch
-    assert choice(grouped, 1) == choice(grouped, 1024) == "segmented"  # contiguous groups: slices
-    assert choice(scattered, 1) == "segmented"  # decode-like: factor reads dominate
-    assert choice(scattered, 64) == "per_sample"  # many tokens: gathering activations would dominate
-    assert choice(torch.randperm(32), 1) == "per_sample"  # nothing repeats
-    small = routing.choose_path(routing.Routing(16, torch.arange(16).repeat_interleave(2)), 32, 3 * 64, 64, cpu)
-    assert small == "per_sample"  # many tiny groups: the per-group cost wins
-
-
-def test_wrappers_record_the_path_they_take():
-    base, fm, inputs = build("linear")
-    qkv, x = base.blocks[0].attn.qkv, inputs(8)[0]
-    with torch.no_grad():
-        for layout, path in [("distinct", "per_sample"), ("cfg_copies", "tiled"), ("broadcast", "plain")]:
-            with fm.mounted(random_lora(fm, *LAYOUTS[layout])):
-                base(x)
-            assert qkv.last_path == path, layout
-        two_requests = random_lora(fm, 2).repeat_interleave(4)  # 2 LoRAs, 4 samples each
-        with fm.mounted(two_requests):
-            base(x)
-        assert qkv.last_path == "segmented"
-        with mount.lora_path("per_sample"), fm.mounted(two_requests):
-            base(x)
-        assert qkv.last_path == "per_sample"
-    assert mount.current_path() == "auto"
-    with pytest.raises(ValueError, match="unknown LoRA path"):
-        mount.set_lora_path("triton")
-
-
-def test_routing_groups_scattered_samples_once():
-    r = routing.Routing(3, torch.tensor([2, 0, 2, 1, 0, 0, 2, 1]))
-    groups = r.groups(8, torch.device("cpu"))
-    assert groups.rows == [0, 1, 2] and groups.bounds == [0, 3, 5, 8]
-    assert groups.order.tolist() == [1, 4, 5, 3, 7, 0, 2, 6]
-    assert r.groups(8, torch.device("cpu")) is groups  # computed once per batch size, shared by targets
-    contiguous = routing.Routing(2, torch.tensor([1, 1, 0])).groups(3, torch.device("cpu"))
-    assert contiguous.order is None and contiguous.rows == [1, 0]  # slices of the batch, no copy
-    with pytest.raises(IndexError, match="rows 0..5"):
-        routing.Routing(3, torch.tensor([0, 5])).groups(2, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("path", mount.PATHS)
@@ -226,18 +151,3 @@ def test_per_sample_path_compiles_without_graph_breaks():
             eager = wrapper(x)
             torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-
-
-def test_bench_smoke_writes_every_section(tmp_path):
-    from funcmem.cli import main
-
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--smoke", "--threads", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert {"dynamic_overhead", "vs_naive_loop", "vs_merge_per_sample", "vs_peft", "batched_vs_sequential_decode",
-            "mix", "generator_scaling", "generator_cost", "train_step_ratio", "goals"} <= set(result)
-    assert {"ratio", "flop_share"} <= set(result["dynamic_overhead"][0])
-    assert {r["distinct"] for r in result["mix"]} == {1, 6, 32}
-    assert {"auto_overhead", "per_sample_overhead", "segmented_overhead"} <= set(result["mix"][0])
-    assert {"factorized", "full"} == set(result["generator_scaling"]["slopes"])
-    assert result["train_step_ratio"]["ratio"] > 0

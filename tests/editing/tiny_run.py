@@ -1,22 +1,25 @@
-"""A tiny, untrained run directory in seconds, for the service tests.
+"""A tiny, untrained run directory in seconds, for the run-directory and service tests.
 
-The same files ``benchmark.save_run`` writes, from randomly initialised methods; the editor's
+The same files ``rundir.save_run`` writes for ``funcmem demo``, from randomly initialised methods; the editor's
 zero-initialised head and the generator's zero B head are filled with small random values, so
 every instruction gives a different, non-trivial LoRA and output (a fresh run would be the identity).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from funcmem.editing.benchmark import BenchmarkConfig, make_memory, save_run
+from funcmem.editing.benchmark.config import BenchmarkConfig
+from funcmem.editing.benchmark.training import make_memory
 from funcmem.editing.conditions import MiniLMEfficientNet
 from funcmem.editing.editor import Editor, EditorConfig
-from funcmem.editing.methods import LoRABank, Shared
+from funcmem.editing.methods import Bank, Shared
 from funcmem.editing.ops import EDITS
+from funcmem.editing.rundir import save_run
 
 
 def make_tiny_run(out: Path, seed: int = 0, full_size: bool = False) -> Path:
@@ -36,10 +39,9 @@ def make_tiny_run(out: Path, seed: int = 0, full_size: bool = False) -> Path:
     memory = make_memory(editor, {k: torch.randn(8, 4, d) for k, d in dims.items()}, dims, cfg, seed)
     with torch.no_grad():
         memory.fm.generator.model.proj_out_B.weight.normal_(0, 0.5)
-    kept = {"memory": memory, "shared": Shared(editor, cfg.targets, cfg.rank, cfg.alpha),
-            "matched": Shared(editor, cfg.targets, cfg.rank * 2, cfg.alpha),
-            "bank": LoRABank(editor, cfg.targets, cfg.rank, cfg.alpha, len(EDITS))}
-    kept["bank"].keys = torch.randn(len(EDITS), 4)
-    out.mkdir(parents=True, exist_ok=True)
-    save_run(out, cfg, editor, kept, None)
+    methods = {"functional_memory": memory, "shared_lora": Shared(editor, cfg.targets, cfg.rank, cfg.alpha),
+               "shared_lora_matched": Shared(editor, cfg.targets, cfg.rank * 2, cfg.alpha),
+               "per_task_lora": Bank(editor, cfg.targets, cfg.rank, cfg.alpha, len(EDITS))}
+    methods["per_task_lora"].keys = torch.randn(len(EDITS), 4)
+    save_run(out, asdict(cfg), editor, methods)
     return out

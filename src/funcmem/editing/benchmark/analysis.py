@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .methods import mse_loss
-from .metrics import psnr
-from .ops import INVERSE_PAIRS
+from ..methods import mse_loss
+from ..metrics import psnr
+from ..ops import INVERSE_PAIRS
 
 
 def inverse_pairs(edit_names: list[str]) -> list[tuple[int, int]]:

@@ -12,7 +12,8 @@ METHOD_LABELS = {"base": "base editor", "shared_lora": "shared LoRA", "shared_lo
                  "functional_memory": "functional memory"}
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,7 @@ def _plt():
 
 def edits_png(samples: dict, path: Path, scale: int = 4) -> None:
     """Rows = edits; columns = input, target, base, shared LoRA, functional memory."""
-    plt = _plt()
+    plt = pyplot()
     rows, cols = samples["rows"], samples["columns"]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols) + 1.6, 1.6 * len(rows)))
     for r, row in enumerate(rows):
@@ -40,7 +41,7 @@ def edits_png(samples: dict, path: Path, scale: int = 4) -> None:
 
 
 def conflict_png(conflict: dict, tasks: list[str], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     steps = list(conflict["by_step"])
     fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 4))
     axes = np.atleast_1d(axes)
@@ -56,7 +57,7 @@ def conflict_png(conflict: dict, tasks: list[str], path: Path) -> None:
 
 
 def manifold_png(points: dict, silhouette: float, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     cmap = plt.get_cmap("tab20")
     for ax, key in zip(axes, ("pca", "tsne")):
@@ -72,7 +73,7 @@ def manifold_png(points: dict, silhouette: float, path: Path) -> None:
 
 
 def scaling_png(scaling: dict, methods: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "depth", "generator depth"), (axes[1], "rank", "LoRA rank")):
         xs = sorted(scaling[key], key=float)
@@ -166,15 +167,20 @@ def findings(results: dict) -> list[str]:
 
 
 def write_report(out: Path, results: dict, figures: dict) -> None:
+    """The pictures and ``report.md`` of a run (``figures``: the run's ``figures.pt``)."""
     out = Path(out)
     edits_png(figures["samples"], out / "edits.png")
     conflict_png(results["gradient_conflict"], results["tasks"], out / "conflict.png")
     manifold_png(figures["manifold"], results["manifold"]["silhouette"], out / "manifold.png")
     scaling_png(results["scaling"], results["methods"], out / "scaling.png")
-    p, cfg, t = results["params"], results["config"], results["timing"]
-    st = results["storage"]
-    mf = results["manifold"]
-    lines = [
+    lines = _results_section(results) + _analysis_section(results) + _cost_section(results)
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _results_section(results: dict) -> list[str]:
+    """Title, setting, findings, the PSNR tables and the parameter counts."""
+    p, cfg = results["params"], results["config"]
+    return [
         "# Functional memory on conflicting image edits",
         "",
         f"{len(results['tasks'])} edits in {len(results['inverse_pairs'])} inverse pairs, {cfg['size']} px crops of real photos, "
@@ -203,6 +209,13 @@ def write_report(out: Path, results: dict, figures: dict) -> None:
         "",
         "![edits](edits.png)",
         "",
+    ]
+
+
+def _analysis_section(results: dict) -> list[str]:
+    """Routing, gradient conflict, manifold and scaling."""
+    mf = results["manifold"]
+    return [
         "## Conditional routing (PSNR, dB)",
         "",
         "| matched | mismatched instruction | averaged condition | no LoRA |",
@@ -238,6 +251,13 @@ def write_report(out: Path, results: dict, figures: dict) -> None:
         "",
         "![scaling](scaling.png)",
         "",
+    ]
+
+
+def _cost_section(results: dict) -> list[str]:
+    """Storage and timing."""
+    st, t = results["storage"], results["timing"]
+    return [
         "## Storage",
         "",
         f"Generator (+ projector) {st['functional_memory'] / 1e6:.2f} MB vs {st['num_tasks']} per-task LoRAs "
@@ -254,4 +274,3 @@ def write_report(out: Path, results: dict, figures: dict) -> None:
         "{generate_and_edit:.1f}, base edit alone {base_edit:.1f}.".format(**t["edit_latency_ms"]),
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))

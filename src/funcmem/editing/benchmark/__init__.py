@@ -1,0 +1,16 @@
+"""The editing benchmark: every method on one frozen editor, the same data, steps and seeds.
+
+    config.py     BenchmarkConfig: everything a run depends on
+    sets.py       the photo split; EditSet: examples with their frozen features
+    training.py   one method trained with the shared settings; a fresh generator (make_memory)
+    evaluate.py   PSNR / SSIM, means over seeds; ``funcmem eval``
+    run.py        the table of methods and the run (``funcmem demo`` calls it)
+    analysis.py   routing, gradient conflict, manifold, probes, latency
+    report.py     pictures and report.md
+    cli.py        ``funcmem demo`` and the flags it shares with ``funcmem continual``
+"""
+
+from .config import BenchmarkConfig
+from .run import run
+
+__all__ = ["BenchmarkConfig", "run"]

@@ -1,0 +1,51 @@
+"""``funcmem demo``, and the flags it shares with ``funcmem continual``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ... import io
+from .config import BenchmarkConfig
+from .report import write_report
+from .run import run
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The flags every training command of the application takes (``benchmark_config`` reads them)."""
+    parser.add_argument("--quick", action="store_true", help="under 10 minutes on 2 CPU cores")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--images", default=None, help="a folder of JPEG/PNG photos to use instead of the bundled ones")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
+    parser.add_argument("--cache-dir", default=None, help="where the pretrained base editor is cached")
+
+
+def benchmark_config(args: argparse.Namespace, **defaults) -> BenchmarkConfig:
+    """The settings the shared flags ask for: ``BenchmarkConfig.quick`` with ``--quick``, else the full
+    run's, with ``defaults`` (the command's own) and then the flags on top."""
+    overrides = {**defaults, "images": args.images, "device": args.device, "cache_dir": args.cache_dir}
+    if args.steps:
+        overrides["steps"] = args.steps
+    return BenchmarkConfig.quick(**overrides) if args.quick else BenchmarkConfig(**overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``funcmem demo``'s options."""
+    add_run_arguments(parser, "runs/demo")
+    parser.add_argument("--condition", default=None, choices=["encoders", "base-hidden"],
+                        help="the generator's condition (default: encoders; the full run also reports base-hidden)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = benchmark_config(args)
+    if args.condition:
+        cfg.conditions = [args.condition] + [c for c in cfg.conditions if c != args.condition]
+    results = run(cfg, args.out)
+    figures = io.torch_load(Path(args.out) / "figures.pt", allow_numpy=True)  # weights_only: no code runs
+    write_report(Path(args.out), results, figures)
+    (Path(args.out) / "figures.pt").unlink()
+    m = results["methods"]
+    print("\n".join(f"{k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}" for k, v in m.items()))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

@@ -1,0 +1,48 @@
+"""The benchmark's settings: everything a run depends on, saved as the run's ``config.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...generator import GeneratorConfig
+from ..editor import EditorConfig
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a run depends on (saved as ``config.json`` in the run directory)."""
+
+    size: int = 32
+    train_examples: int = 3072
+    test_examples: int = 576
+    steps: int = 1200  # the full run: 3 seeds x 2 conditions in under an hour on 2 cores
+    batch: int = 16
+    rank: int = 4
+    alpha: float = 4.0
+    lr_lora: float = 3e-3
+    lr_generator: float = 1e-3  # below the LoRA's: a faster generator collapsed in a feasibility study
+    condition_dim: int = 64
+    generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
+                                                                     dim_accumulation=4).to_dict())
+    targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
+    conditions: list = field(default_factory=lambda: ["encoders", "base-hidden"])
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    scaling_depths: list = field(default_factory=lambda: [1, 2, 4])
+    scaling_ranks: list = field(default_factory=lambda: [2, 4, 8])
+    conflict_samples: int = 48
+    editor: dict = field(default_factory=lambda: EditorConfig().to_dict())
+    editor_steps: int = 1500
+    images: str | None = None
+    device: str = "cpu"
+    cache_dir: str | None = None
+    data_seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchmarkConfig":
+        """Under 10 minutes on 2 CPU cores, every analysis still shown."""
+        base = dict(train_examples=2048, test_examples=384, steps=500, conditions=["encoders"], seeds=[0],
+                    scaling_depths=[1, 2], scaling_ranks=[2, 4], conflict_samples=32, editor_steps=1200)
+        return cls(**{**base, **overrides})
+
+    def generator_config(self, **changes) -> GeneratorConfig:
+        return GeneratorConfig.from_dict({**self.generator, **changes})

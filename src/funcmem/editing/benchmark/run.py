@@ -1,0 +1,270 @@
+"""The editing benchmark: every method trained on the same data, steps, batch and seeds, then
+evaluated and analysed. ``run(config, out)`` writes ``results.json`` and the run directory
+(``editing.rundir``); ``report.write_report`` adds the pictures and ``report.md``.
+
+Data flow:
+
+    photos (wheels or --images) -> split by photo -> crops + edits (train / held-out phrasings)
+    -> frozen features once: MiniLM token states (the editor reads them) + raw condition streams
+    -> each row of ``methods_table`` built, trained by funcmem.train.Trainer, evaluated
+    -> PSNR / SSIM per edit on the test split, analyses of the first seed's methods
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ... import io
+from .. import rundir
+from ..conditions import TextEncoder, make_encoder
+from ..data import make_examples, manifest
+from ..editor import EditorConfig
+from ..methods import Bank, Base, Shared
+from ..ops import EDITS
+from ..pretrain import load_or_train_editor
+from . import analysis
+from .config import BenchmarkConfig
+from .evaluate import evaluate, mean_over_seeds
+from .sets import EditSet, build_set, photo_split
+from .training import Timer, make_memory, matched_rank, train
+
+METHODS = ("base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory")
+"""The order results list methods in (then ``functional_memory[condition]`` for further conditions)."""
+
+
+@dataclass
+class Context:
+    """What every method of a run shares: settings, the frozen editor, the sets and their features."""
+
+    cfg: BenchmarkConfig
+    editor: nn.Module
+    text_encoder: TextEncoder
+    train: EditSet
+    test: EditSet
+    seen: EditSet  # the test photos with training phrasings: "unseen photo" apart from "unseen wording"
+    raw_dims: dict[str, dict[str, int]]  # condition -> its encoder's stream widths
+    photos: dict[str, list] = field(default_factory=dict)  # "train" / "test" -> photos
+
+    @property
+    def condition(self) -> str:
+        """The main condition (the first of ``cfg.conditions``)."""
+        return self.cfg.conditions[0]
+
+    @property
+    def edit_names(self) -> list[str]:
+        return list(EDITS)
+
+
+@dataclass
+class Method:
+    """One row of the benchmark: how a fresh method is built, how fast it learns, what it reports.
+
+    ``build(ctx, seed, trained)`` gets the methods this seed has trained so far (rows run in table
+    order); ``track(ctx, method)`` (first seed only) returns a training callback whose ``result``
+    the run reports; ``views(ctx, method)`` yields further names to evaluate the trained method
+    under (it may change the method's state between names and must restore it).
+    """
+
+    name: str
+    label: str
+    build: Callable[[Context, int, dict], nn.Module]
+    lr: Callable[[BenchmarkConfig], float]
+    condition: str | None = None  # None: the main condition
+    track: Callable[[Context, nn.Module], object] | None = None
+    views: Callable[[Context, nn.Module], Iterator[str]] | None = None
+
+
+def _memory(condition: str | None = None):
+    def build(ctx: Context, seed: int, trained: dict) -> nn.Module:
+        cond = condition or ctx.condition
+        return make_memory(ctx.editor, ctx.train.raw[cond], ctx.raw_dims[cond], ctx.cfg, seed)
+    return build
+
+
+def _shared(ctx: Context, seed: int, trained: dict) -> nn.Module:
+    return Shared(ctx.editor, ctx.cfg.targets, ctx.cfg.rank, ctx.cfg.alpha)
+
+
+def _matched(ctx: Context, seed: int, trained: dict) -> nn.Module:
+    """A shared LoRA with at least the generator's trainable parameters."""
+    rank = matched_rank(trained["functional_memory"].num_trainable_parameters(), trained["shared_lora"].targets)
+    return Shared(ctx.editor, ctx.cfg.targets, rank, ctx.cfg.alpha * rank / ctx.cfg.rank)
+
+
+def _bank(ctx: Context, seed: int, trained: dict) -> nn.Module:
+    return Bank(ctx.editor, ctx.cfg.targets, ctx.cfg.rank, ctx.cfg.alpha, len(ctx.edit_names))
+
+
+def _conflict_tracker(ctx: Context, shared: nn.Module):
+    return analysis.ConflictTracker(shared, ctx.train, ctx.condition, len(ctx.edit_names), ctx.cfg)
+
+
+def _retrieval(ctx: Context, bank: Bank) -> Iterator[str]:
+    """The same LoRAs picked by the nearest key to the condition instead of the label."""
+    bank.set_keys(ctx.train.pooled[ctx.condition], ctx.train.edit_ids)
+    bank.route = "retrieval"
+    try:
+        yield "retrieval_lora"
+    finally:
+        bank.route = "label"
+
+
+def methods_table(cfg: BenchmarkConfig) -> list[Method]:
+    """The benchmark's methods in training order (the matched LoRA reads the generator's size)."""
+    lr_generator, lr_lora = (lambda c: c.lr_generator), (lambda c: c.lr_lora)
+    return [Method("functional_memory", "functional memory", _memory(), lr_generator),
+            *[Method(f"functional_memory[{c}]", f"functional memory [{c}]", _memory(c), lr_generator, condition=c)
+              for c in cfg.conditions[1:]],
+            Method("shared_lora", "shared LoRA", _shared, lr_lora, track=_conflict_tracker),
+            Method("shared_lora_matched", "shared LoRA, matched rank", _matched, lr_lora),
+            Method("per_task_lora", "per-task LoRAs", _bank, lr_lora, views=_retrieval)]
+
+
+def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Context:
+    """Photos, examples, the cached base editor and every set's frozen features."""
+    device, edit_names = torch.device(cfg.device), list(EDITS)
+    torch.manual_seed(cfg.data_seed)
+    with timer.stage("data"):
+        train_photos, test_photos = photo_split(cfg.images, cfg.data_seed)
+        examples = [make_examples(train_photos, edit_names, cfg.train_examples, cfg.size, "train", cfg.data_seed),
+                    make_examples(test_photos, edit_names, cfg.test_examples, cfg.size, "test", cfg.data_seed + 1),
+                    make_examples(test_photos, edit_names, cfg.test_examples, cfg.size, "train", cfg.data_seed + 2)]
+    with timer.stage("base_editor"):
+        text_encoder = TextEncoder()
+        editor_cfg = EditorConfig.from_dict({**cfg.editor, "image_size": cfg.size})
+        editor = load_or_train_editor(editor_cfg, cfg.cache_dir, steps=cfg.editor_steps, text_encoder=text_encoder,
+                                      progress=progress).to(device)
+    with timer.stage("features"):
+        encoders = {c: make_encoder(c, editor, text_encoder) for c in cfg.conditions}
+        sets = [build_set(ex, text_encoder, encoders, editor_cfg, device) for ex in examples]
+    return Context(cfg, editor, text_encoder, *sets, {c: e.raw_dims for c, e in encoders.items()},
+                   {"train": train_photos, "test": test_photos})
+
+
+@dataclass
+class Trained:
+    """Every seed's evaluations (test split and seen phrasings), and the first seed's methods."""
+
+    evals: dict[str, list[dict]]
+    seen: dict[str, list[dict]]
+    first: dict[str, nn.Module] = field(default_factory=dict)
+    conflict: dict | None = None
+
+
+def train_methods(ctx: Context, timer: Timer) -> Trained:
+    """Every row of the table for every seed; the frozen base is evaluated once."""
+    cfg, names = ctx.cfg, ctx.edit_names
+    table = methods_table(cfg)
+    out = Trained({"base": []}, {"base": []})
+    base = Base(ctx.editor)
+    base_eval = evaluate(base, ctx.test, ctx.condition, names), evaluate(base, ctx.seen, ctx.condition, names)
+
+    def record(name: str, method, cond: str) -> None:
+        out.evals.setdefault(name, []).append(evaluate(method, ctx.test, cond, names))
+        out.seen.setdefault(name, []).append(evaluate(method, ctx.seen, cond, names))
+
+    for seed in cfg.seeds:
+        trained: dict[str, nn.Module] = {}
+        for m in table:
+            cond = m.condition or ctx.condition
+            with timer.stage(m.name):
+                torch.manual_seed(seed)
+                method = m.build(ctx, seed, trained).to(cfg.device)
+                tracker = m.track(ctx, method) if m.track and seed == cfg.seeds[0] else None
+                train(method, ctx.train, cond, cfg, m.lr(cfg), seed, f"{m.label} (seed {seed})", tracker)
+                record(m.name, method, cond)
+                for view in m.views(ctx, method) if m.views else ():
+                    record(view, method, cond)
+            if tracker is not None:
+                out.conflict = tracker.result(names)
+            trained[m.name] = method
+        out.evals["base"].append(base_eval[0])
+        out.seen["base"].append(base_eval[1])
+        out.first = out.first or trained
+    return out
+
+
+def parameter_counts(editor, methods: dict[str, nn.Module]) -> dict:
+    """Trainable parameters of the first seed's methods (and what the generator makes per instance)."""
+    memory, shared, matched, bank = (methods[k] for k in ("functional_memory", "shared_lora",
+                                                            "shared_lora_matched", "per_task_lora"))
+    return {"base_editor": editor.count_parameters(), "shared_lora": shared.num_trainable_parameters(),
+            "shared_lora_matched": matched.num_trainable_parameters(), "shared_lora_matched_rank": matched.rank,
+            "min_full_rank": min(min(t.in_features, t.out_features) for t in shared.targets),
+            "per_task_lora": bank.num_trainable_parameters(), "retrieval_lora": bank.num_trainable_parameters(),
+            "functional_memory": memory.num_trainable_parameters(),
+            "functional_memory_generator": memory.fm.num_trainable_parameters(),
+            "generated_per_instance": memory.fm.lora_parameters_per_instance()}
+
+
+def analyse(ctx: Context, first: dict[str, nn.Module]) -> tuple[dict, dict]:
+    """The first seed's analyses: routing, retrieval accuracy, instruction probe, manifold, storage.
+    Returns (results, manifold points for the figure)."""
+    memory, bank, cond = first["functional_memory"], first["per_task_lora"], ctx.condition
+    accuracy = lambda data: (bank.retrieve(data.pooled[cond]) == data.edit_ids).float().mean().item()
+    out = {"routing": analysis.routing(memory, ctx.test, cond), "retrieval_accuracy": accuracy(ctx.test),
+           "retrieval_accuracy_seen_phrasings": accuracy(ctx.seen),
+           "instruction_probe": dict(zip(("held_out_phrasings", "seen_phrasings"),
+                                         analysis.instruction_probe(ctx.text_encoder, ctx.train, ctx.test, ctx.seen)))}
+    out["manifold"], points = analysis.manifold(memory, ctx.test, cond, ctx.edit_names)
+    out["storage"] = analysis.storage(memory, bank, first["shared_lora"])
+    return out, points
+
+
+def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
+    """The whole benchmark; returns the results dict (also written to ``out/results.json``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    ctx = prepare(cfg, timer, progress)
+    trained = train_methods(ctx, timer)
+    first, memory = trained.first, trained.first["functional_memory"]
+    results = {"tasks": ctx.edit_names, "inverse_pairs": [list(p) for p in analysis.inverse_pairs(ctx.edit_names)],
+               "config": asdict(cfg), "methods": _by_method(trained.evals), "methods_seen_phrasings": _by_method(trained.seen),
+               "params": parameter_counts(ctx.editor, first), "gradient_conflict": trained.conflict,
+               "splits": {"train_photos": [p.name for p in ctx.photos["train"]],
+                          "test_photos": [p.name for p in ctx.photos["test"]],
+                          "train_examples": len(ctx.train), "test_examples": len(ctx.test)},
+               "condition": ctx.condition}
+    with timer.stage("analyses"):
+        analysed, manifold_points = analyse(ctx, first)
+        results.update(analysed)
+    with timer.stage("scaling"):
+        results["scaling"] = scaling(ctx, results["methods"]["functional_memory"]["per_seed_psnr"][0])
+    with timer.stage("save"):
+        rundir.save_run(out, asdict(cfg), ctx.editor, {k: first[k] for k in ("functional_memory", "shared_lora",
+                                                                            "shared_lora_matched", "per_task_lora")})
+        io.write_json(out / "manifest.json", {"train": manifest(ctx.photos["train"]), "test": manifest(ctx.photos["test"])})
+    results["timing"] = {**timer.seconds, "edit_latency_ms": analysis.edit_latency(memory, ctx.test, ctx.condition)}
+    samples = analysis.sample_rows(ctx.test, ctx.condition, ctx.edit_names, Base(ctx.editor), first["shared_lora"], memory)
+    io.write_json(out / "results.json", results)
+    torch.save({"samples": samples, "manifold": manifold_points}, out / "figures.pt")
+    return results
+
+
+def _by_method(evals: dict[str, list[dict]]) -> dict:
+    """Each method's mean over seeds, in ``METHODS`` order."""
+    order = [m for m in METHODS if m in evals] + [m for m in evals if m not in METHODS]
+    return {m: mean_over_seeds(evals[m]) for m in order}
+
+
+def scaling(ctx: Context, main_psnr: float) -> dict:
+    """Generator depth and LoRA rank sweeps (first seed); the main config's point is reused."""
+    cfg, cond, seed = ctx.cfg, ctx.condition, ctx.cfg.seeds[0]
+    sweeps = {"depth": (cfg.scaling_depths, cfg.generator["depth"]), "rank": (cfg.scaling_ranks, cfg.rank)}
+    out = {}
+    for what, (values, main) in sweeps.items():
+        out[what] = {}
+        for value in values:
+            if value == main:
+                out[what][str(value)] = main_psnr
+                continue
+            memory = make_memory(ctx.editor, ctx.train.raw[cond], ctx.raw_dims[cond], cfg, seed, **{what: value})
+            train(memory, ctx.train, cond, cfg, cfg.lr_generator, seed, f"scaling: {what} {value}")
+            out[what][str(value)] = evaluate(memory, ctx.test, cond, ctx.edit_names)["psnr"]
+    return out

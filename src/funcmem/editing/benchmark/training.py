@@ -1,0 +1,62 @@
+"""Training one method with the benchmark's shared settings, and building a fresh generator."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ...train import Trainer, TrainConfig
+from ..methods import EditingMemory, mse_loss
+from .config import BenchmarkConfig
+from .sets import EditSet
+
+
+class Timer:
+    """Seconds spent per named stage (``with timer.stage(name): ...``), summed over repeats."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+
+
+def train(method, data: EditSet, condition: str, cfg: BenchmarkConfig, lr: float, seed: int, name: str,
+          callback=None, loss_fn=mse_loss):
+    """Train one method with the shared settings; batches are a function of (seed, step)."""
+    def batch_fn(step: int) -> dict:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return data.batch(torch.randint(len(data), (cfg.batch,), generator=g).to(data.inputs.device), condition)
+
+    warmup = max(1, cfg.steps // 20)
+    trainer = Trainer(method, loss_fn, TrainConfig(steps=cfg.steps, lr=lr, warmup_steps=warmup, grad_clip=1.0,
+                                                    description=name, log_every=max(1, cfg.steps // 20)))
+    method.train()
+    trainer.fit(batch_fn, callback=callback)
+    method.eval()
+    return trainer.history
+
+
+def matched_rank(memory_params: int, targets) -> int:
+    """Smallest rank whose shared LoRA has at least ``memory_params`` trainable parameters."""
+    per_rank = sum(t.in_features + t.out_features for t in targets)
+    return max(1, math.ceil(memory_params / per_rank))
+
+
+def make_memory(editor, train_raw: dict[str, Tensor], raw_dims, cfg: BenchmarkConfig, seed: int,
+                **gen_changes) -> EditingMemory:
+    """A fresh generator whose projector standardises with the training features' statistics."""
+    torch.manual_seed(seed)
+    rank = gen_changes.pop("rank", cfg.rank)
+    gen_changes.setdefault("dim_accumulation", math.gcd(rank, cfg.generator["dim_accumulation"]))  # must divide r
+    memory = EditingMemory.create(editor, raw_dims, cfg.targets, rank, cfg.alpha * rank / cfg.rank, cfg.condition_dim,
+                                  cfg.generator_config(**gen_changes)).to(cfg.device)
+    memory.projector.set_statistics(train_raw)
+    return memory

@@ -1,0 +1,60 @@
+"""A continual run's settings: the edit groups, the replay store and the removal fine-tune; every
+stage trains with the benchmark's settings, held by composition (``ContinualConfig.benchmark``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..benchmark.config import BenchmarkConfig
+from ..ops import EDITS
+
+METHODS = ("shared_lora_sequential", "per_task_lora", "fm_naive", "fm_replay")
+GROUPS = {"A": ["blur", "sharpen", "add_noise", "denoise"],
+          "B": ["age", "restore", "brighten", "darken"],
+          "C": ["contrast_up", "contrast_down", "warmer", "cooler"]}
+CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
+EDIT_NAMES = list(EDITS)  # edit ids index this list in every stage
+STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
+                  "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
+
+
+@dataclass
+class ContinualConfig:
+    """Everything a continual run depends on (saved in ``continual.json``).
+
+    Args:
+        groups: stage name -> the edits it teaches, in training order.
+        train_per_group, test_per_group: examples per stage (balanced over its edits).
+        store_per_edit: training instances per edit whose condition vectors ``fm_replay`` stores.
+        distill_weight: weight of the functional-distillation term (relative to the image MSE).
+        replay_batch: stored conditions per step (distillation and forgetting).
+        forget_steps, forget_lr: the removal fine-tune (stored conditions only).
+        benchmark: the settings of every stage's training (``steps`` is per stage and method; the
+            first of ``seeds`` is the run's seed; its example counts are not used).
+    """
+
+    groups: dict = field(default_factory=lambda: {k: list(v) for k, v in GROUPS.items()})
+    train_per_group: int = 1536
+    test_per_group: int = 192
+    store_per_edit: int = 8
+    distill_weight: float = 1.0
+    replay_batch: int = 16
+    forget_steps: int = 300
+    forget_lr: float = 1e-3
+    benchmark: BenchmarkConfig = field(default_factory=lambda: BenchmarkConfig(**STAGE_DEFAULTS["full"]))
+
+    @classmethod
+    def quick(cls, benchmark: BenchmarkConfig | None = None, **overrides) -> "ContinualConfig":
+        """Under 10 minutes on 2 CPU cores (the base editor cached; it is the quick demo's)."""
+        base = dict(train_per_group=384, test_per_group=96, replay_batch=8, forget_steps=150)
+        return cls(**{**base, **overrides},
+                   benchmark=benchmark or BenchmarkConfig.quick(**STAGE_DEFAULTS["quick"]))
+
+    @property
+    def seed(self) -> int:
+        return self.benchmark.seeds[0]
+
+    @property
+    def condition(self) -> str:
+        """The generator's condition (the benchmark's first)."""
+        return self.benchmark.conditions[0]
