@@ -92,32 +92,41 @@ def export_peft(mountable, lora: LoRA, index: int, path: str | Path, base_model_
         if t.name not in one.factors:
             raise KeyError(f"the LoRA has no factors for target {t.name!r}")
         a, b = (f[0].detach() for f in one.factors[t.name])
-        if t.kind == "linear":
-            key = t.name
-            modules.append(t.name)
-        elif t.kind == "conv2d":
-            conv = unwrap(mountable.base.get_submodule(t.name))
-            if conv.dilation != (1, 1):
-                raise NotImplementedError(f"{t.name}: PEFT's LoRA on Conv2d ignores dilation {conv.dilation}; "
-                                          "it cannot hold this LoRA")
-            key = t.name
-            modules.append(t.name)
-            a, b = a.reshape(a.shape[0], conv.in_channels, *conv.kernel_size), b[..., None, None]
-        else:
-            owner = unwrap(mountable.base.get_submodule(t.owner))
-            if getattr(owner, "is_transposed", False):
-                raise NotImplementedError(f"{t.name}: PEFT reads this module's experts as (E, in, out) "
-                                          "(is_transposed); funcmem's are (E, out, in)")
-            key = expert_keys[t.name]
-            parameters.append(t.name)
-            e, r, _ = a.shape
-            a = a.reshape(e * r, -1)  # (E*r, in), row e*r + i
-            b = b.permute(1, 2, 0).reshape(b.shape[1], r * e)  # (out, r*E), column i*E + e
+        key, a, b = _to_peft(mountable.base, t, a, b, expert_keys)
+        (parameters if t.kind == "experts" else modules).append(t.name)
         state[f"{PREFIX}{key}.lora_A.weight"] = a
         state[f"{PREFIX}{key}.lora_B.weight"] = b
     rank = mountable.rank
     alpha = mountable.alpha if math.isclose(one.scale, mountable.scale) else one.scale * rank
-    config = {
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / WEIGHTS_NAME, state, metadata={"format": "pt"})
+    write_json(path / CONFIG_NAME, _adapter_config(rank, alpha, modules, parameters, base_model_name_or_path))
+
+
+def _to_peft(base: nn.Module, t: Target, a: Tensor, b: Tensor, expert_keys: dict[str, str]) -> tuple[str, Tensor, Tensor]:
+    """(PEFT module key, lora_A weight, lora_B weight) of one sample's factors at target ``t``."""
+    if t.kind == "linear":
+        return t.name, a, b
+    if t.kind == "conv2d":
+        conv = unwrap(base.get_submodule(t.name))
+        if conv.dilation != (1, 1):
+            raise NotImplementedError(f"{t.name}: PEFT's LoRA on Conv2d ignores dilation {conv.dilation}; "
+                                      "it cannot hold this LoRA")
+        return t.name, a.reshape(a.shape[0], conv.in_channels, *conv.kernel_size), b[..., None, None]
+    owner = unwrap(base.get_submodule(t.owner))
+    if getattr(owner, "is_transposed", False):
+        raise NotImplementedError(f"{t.name}: PEFT reads this module's experts as (E, in, out) "
+                                  "(is_transposed); funcmem's are (E, out, in)")
+    e, r, _ = a.shape
+    a = a.reshape(e * r, -1)  # (E*r, in), row e*r + i
+    b = b.permute(1, 2, 0).reshape(b.shape[1], r * e)  # (out, r*E), column i*E + e
+    return expert_keys[t.name], a, b
+
+
+def _adapter_config(rank: int, alpha: float, modules: list[str], parameters: list[str],
+                    base_model_name_or_path: str | None) -> dict:
+    return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "target_modules": modules or None, "target_parameters": parameters or None,
@@ -126,10 +135,6 @@ def export_peft(mountable, lora: LoRA, index: int, path: str | Path, base_model_
         "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,
         "layers_to_transform": None, "layers_pattern": None,
     }
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / WEIGHTS_NAME, state, metadata={"format": "pt"})
-    write_json(path / CONFIG_NAME, config)
 
 
 @dataclass
@@ -156,6 +161,28 @@ def read_peft(path: str | Path, base: nn.Module) -> PeftAdapter:
         ValueError: a weight the base has no place for, or of the wrong shape (both shapes named).
     """
     path = Path(path)
+    config = _read_adapter_config(path)
+    weights = path / WEIGHTS_NAME
+    rank = int(config["r"])
+    scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    names = candidates(base)
+    params = list(config.get("target_parameters") or [])
+    factors = {}
+    for module, pair in _factor_pairs(weights).items():
+        t = _target_of(module, names, params, weights)
+        a, b = _from_peft(t, pair["A"], pair["B"], names[t.name][0])
+        for got, want, which in ((a, t.a_shape(rank), "lora_A"), (b, t.b_shape(rank), "lora_B")):
+            if tuple(got.shape) != want:
+                raise ValueError(f"{weights}: {module}.{which} has shape {tuple(pair[which[-1]].shape)}; the base's "
+                                 f"{t.kind} {t.name} with r={rank} needs {want} in funcmem's layout")
+        factors[t.name] = (a.contiguous(), b.contiguous())
+    if not factors:
+        raise ValueError(f"{weights} holds no LoRA weights")
+    return PeftAdapter(exact(list(factors)), rank, scale * rank, factors)
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """adapter_config.json, checked to describe a plain LoRA funcmem can hold, with safetensors weights."""
     file = path / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a PEFT adapter directory")
@@ -168,14 +195,14 @@ def read_peft(path: str | Path, base: nn.Module) -> PeftAdapter:
                                       "cannot represent")
     if config.get("bias", "none") != "none":
         raise NotImplementedError(f"{file} sets bias={config['bias']!r} (trained base biases); only 'none' loads")
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
+    if not (path / WEIGHTS_NAME).is_file():
         pickled = " (adapter_model.bin is a pickle, which funcmem never loads)" if (path / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME}{pickled}")
-    rank = int(config["r"])
-    scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    names = candidates(base)
-    params = list(config.get("target_parameters") or [])
+    return config
+
+
+def _factor_pairs(weights: Path) -> dict[str, dict[str, Tensor]]:
+    """PEFT module key -> {"A": lora_A weight, "B": lora_B weight}; anything else is refused."""
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in read_safetensors(weights).items():
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -183,48 +210,47 @@ def read_peft(path: str | Path, base: nn.Module) -> PeftAdapter:
                                       "can hold")
         module, which = key[len(PREFIX): -len(".lora_A.weight")], key[-len("A.weight")]
         pairs.setdefault(module, {})[which] = tensor
-    factors = {}
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{weights}: {module} has lora_{next(iter(pair))} without its partner")
-        name, depth = module, 0
-        while name.endswith(".base_layer"):
-            name, depth = name[: -len(".base_layer")], depth + 1
+    return pairs
+
+
+def _target_of(module: str, names: dict, params: list[str], weights: Path) -> Target:
+    """The funcmem target a PEFT module key stands for (PEFT's target_parameters nest wrappers,
+    ``{module}.base_layer...``, the first registered parameter innermost)."""
+    name, depth = module, 0
+    while name.endswith(".base_layer"):
+        name, depth = name[: -len(".base_layer")], depth + 1
+    if name not in names:
+        raise ValueError(f"{weights} holds LoRA for {name!r}, which the base lacks")
+    owner = names[name][0]
+    targeted = [p for p, v in owner.named_parameters(recurse=False) if _matches_parameter(f"{name}.{p}", params)]
+    if targeted and getattr(owner, "is_transposed", False):
+        raise NotImplementedError(f"{name}: PEFT reads this module's experts as (E, in, out) (is_transposed); "
+                                  "funcmem's are (E, out, in)")
+    if targeted:
+        if depth >= len(targeted):
+            raise ValueError(f"{weights}: {module} nests deeper than the {len(targeted)} targeted parameters")
+        name = f"{name}.{targeted[len(targeted) - 1 - depth]}"
         if name not in names:
-            raise ValueError(f"{weights} holds LoRA for {name!r}, which the base lacks")
-        owner = names[name][0]
-        targeted = [p for p, v in owner.named_parameters(recurse=False) if _matches_parameter(f"{name}.{p}", params)]
-        if targeted and getattr(owner, "is_transposed", False):
-            raise NotImplementedError(f"{name}: PEFT reads this module's experts as (E, in, out) (is_transposed); "
-                                      "funcmem's are (E, out, in)")
-        if targeted:  # PEFT's target_parameters: nested wrappers, the first registered parameter innermost
-            if depth >= len(targeted):
-                raise ValueError(f"{weights}: {module} nests deeper than the {len(targeted)} targeted parameters")
-            name = f"{name}.{targeted[len(targeted) - 1 - depth]}"
-            if name not in names:
-                raise NotImplementedError(f"{weights} holds LoRA for parameter {name!r}, which is not a stacked "
-                                          "(E, out, in) expert weight: funcmem cannot hold it")
-        found = describe(name, *names[name])
-        if isinstance(found, str) or len(found) != 1:
-            why = found if isinstance(found, str) else "a module holding several stacked expert weights"
-            raise NotImplementedError(f"{weights} holds LoRA for {name!r}, {why}: funcmem cannot hold it")
-        t = found[0]
-        a, b = pair["A"], pair["B"]
-        if t.kind == "conv2d":
-            conv = names[name][0]
-            if conv.dilation != (1, 1):
-                raise NotImplementedError(f"{name}: funcmem's Conv2d LoRA uses the base's dilation {conv.dilation}, "
-                                          "PEFT's does not")
-            a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-        elif t.kind == "experts":
-            e = t.num_experts
-            a = a.reshape(e, -1, a.shape[-1])  # (E*r, in) -> (E, r, in)
-            b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (out, r*E) -> (E, out, r)
-        for got, want, which in ((a, t.a_shape(rank), "lora_A"), (b, t.b_shape(rank), "lora_B")):
-            if tuple(got.shape) != want:
-                raise ValueError(f"{weights}: {module}.{which} has shape {tuple(pair[which[-1]].shape)}; the base's "
-                                 f"{t.kind} {name} with r={rank} needs {want} in funcmem's layout")
-        factors[name] = (a.contiguous(), b.contiguous())
-    if not factors:
-        raise ValueError(f"{weights} holds no LoRA weights")
-    return PeftAdapter(exact(list(factors)), rank, scale * rank, factors)
+            raise NotImplementedError(f"{weights} holds LoRA for parameter {name!r}, which is not a stacked "
+                                      "(E, out, in) expert weight: funcmem cannot hold it")
+    found = describe(name, *names[name])
+    if isinstance(found, str) or len(found) != 1:
+        why = found if isinstance(found, str) else "a module holding several stacked expert weights"
+        raise NotImplementedError(f"{weights} holds LoRA for {name!r}, {why}: funcmem cannot hold it")
+    return found[0]
+
+
+def _from_peft(t: Target, a: Tensor, b: Tensor, module: nn.Module) -> tuple[Tensor, Tensor]:
+    """PEFT's lora_A / lora_B weights of target ``t`` in funcmem's layout (see the module doc)."""
+    if t.kind == "conv2d":
+        if module.dilation != (1, 1):
+            raise NotImplementedError(f"{t.name}: funcmem's Conv2d LoRA uses the base's dilation {module.dilation}, "
+                                      "PEFT's does not")
+        return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if t.kind == "experts":
+        e = t.num_experts
+        return a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, r, in), (E, out, r)
+    return a, b

@@ -199,6 +199,14 @@ def create_app(service: Service) -> FastAPI:
                                 response.status_code, time.perf_counter() - start)
         return response
 
+    _add_edit_routes(app, service)
+    _add_info_routes(app, service)
+    return app
+
+
+def _add_edit_routes(app: FastAPI, service: Service) -> None:
+    """``POST /v1/edit`` (a PNG) and ``POST /v1/lora`` (a zip of PEFT adapters)."""
+
     @app.post("/v1/edit")
     async def edit(request: Request):
         job = await service.compute(await service.parse(request, want_output=True))
@@ -218,6 +226,10 @@ def create_app(service: Service) -> FastAPI:
             "Content-Disposition": 'attachment; filename="funcmem-lora.zip"',
             "X-Cache": "hit" if job.cache_hit else "miss", "X-Tiles": str(len(job.tiles))})
 
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    """The manifold, health, Prometheus metrics and the web page."""
+
     @app.get("/v1/manifold")
     async def manifold():
         return service.manifold.to_json()
@@ -236,8 +248,6 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/")
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    return app
 
 
 _ROUTES = {"/v1/edit", "/v1/lora", "/v1/manifold", "/healthz", "/metrics", "/"}
