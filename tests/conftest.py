@@ -1,3 +1,12 @@
+"""Fixtures every test may use. Plain helpers (small bases, ``CASES`` / ``build``, ``random_lora``)
+are in ``helpers.py``.
+
+The tests mirror the package: tests/ (and tests/layers, tests/benchmarks) test the core, which
+needs no extra; tests/editing and tests/serve test the application. With the core alone
+(``pip install -e ".[test-core]"``, ``make test-core``) the application's folders are not collected.
+"""
+
+import importlib.util
 import os
 
 import pytest
@@ -10,6 +19,14 @@ if "OMP_NUM_THREADS" not in os.environ:  # on a shared machine, OMP_NUM_THREADS=
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+EDITING_EXTRA = ("PIL", "skimage", "sklearn", "matplotlib", "transformers")  # what funcmem[editing] installs
+MISSING = [m for m in EDITING_EXTRA if importlib.util.find_spec(m) is None]
+collect_ignore = ["editing", "serve"] if MISSING else []
+
+
+def pytest_report_header(config):
+    if MISSING:
+        return f"core only: tests/editing and tests/serve not collected ({', '.join(MISSING)} not installed)"
 
 
 @pytest.fixture

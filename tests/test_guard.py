@@ -10,7 +10,8 @@ import funcmem
 from funcmem.guard import LoRAGuard, NonFiniteLoRAError, check_condition, update_norms
 from funcmem.lora import LoRA
 from funcmem.train import Trainer, TrainConfig
-from helpers import TinyTransformer, randomize_b_head
+from funcmem.targets import Target
+from helpers import TinyTransformer, random_lora, randomize_b_head
 
 GEN = funcmem.GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16)
 
@@ -18,17 +19,19 @@ GEN = funcmem.GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_lora(n=3, scale=0.5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return LoRA({"lin": (torch.randn(n, 4, 7, generator=g), torch.randn(n, 5, 4, generator=g)),
-                 "exp": (torch.randn(n, 2, 4, 6, generator=g), torch.randn(n, 2, 3, 4, generator=g))}, scale)
+TARGETS = [Target("lin", "linear", 7, 5), Target("exp", "experts", 6, 3, 2)]  # rank 4
+
+
+def guard_lora() -> LoRA:
+    """Three samples' factors for a linear and a 2-expert target."""
+    return random_lora(TARGETS, 3, rank=4, scale=0.5, std=1.0, seed=0)
 
 
 # ---------------------------------------------------------------- update norms and clipping
 
 
 def test_update_norm_matches_the_dense_product():
-    lora = random_lora()
+    lora = guard_lora()
     norms = update_norms(lora)
     for name, (a, b) in lora.factors.items():
         dense = lora.scale * (b @ a)  # (n, [E,] out, in)
@@ -36,7 +39,7 @@ def test_update_norm_matches_the_dense_product():
 
 
 def test_guard_clips_over_bound_updates_to_the_bound_and_counts():
-    lora = random_lora()
+    lora = guard_lora()
     norms = update_norms(lora)
     bound = float(norms["lin"].median())  # one sample under, one at, one over
     guard = LoRAGuard(max_update_norm=bound, max_relative_norm=None)
@@ -53,7 +56,7 @@ def test_guard_clips_over_bound_updates_to_the_bound_and_counts():
 
 
 def test_relative_bound_uses_the_weight_norm():
-    lora = random_lora()
+    lora = guard_lora()
     norms = update_norms(lora)
     guard = LoRAGuard(max_relative_norm=2.0)
     weights = {"lin": float(norms["lin"].max()) / 4, "exp": 1e6}
@@ -64,7 +67,7 @@ def test_relative_bound_uses_the_weight_norm():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_factors_fail_the_request(bad):
-    lora = random_lora()
+    lora = guard_lora()
     lora.factors["exp"][1][2, 1, 0, 0] = bad
     guard = LoRAGuard()
     with pytest.raises(NonFiniteLoRAError, match=r"samples \[2\] of 3, at targets \['exp'\]"):

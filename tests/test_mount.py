@@ -7,30 +7,7 @@ import torch
 
 import funcmem
 from funcmem.lora import LoRA
-from helpers import MoE, TinyConvNet, TinyTransformer
-
-
-def random_lora(fm, n, std=0.3, dtype=torch.float32):
-    g = torch.Generator().manual_seed(n)
-    return LoRA({t.name: (std * torch.randn(n, *t.a_shape(fm.rank), generator=g).to(dtype),
-                          std * torch.randn(n, *t.b_shape(fm.rank), generator=g).to(dtype))
-                 for t in fm.targets}, fm.scale)
-
-
-CASES = {
-    "linear": (TinyTransformer, ["qkv", "fc1", "fc2", "head"], lambda n: (torch.randn(n, 5, 16),)),
-    "conv2d": (TinyConvNet, ["stages.*", "out"], lambda n: (torch.randn(n, 3, 9, 9),)),
-    "experts": (MoE, ["experts", "proj"], lambda n: (torch.randn(n, 4, 8), torch.randint(3, (n, 4)))),
-}
-
-
-def build(kind, dtype=torch.float32):
-    torch.manual_seed(0)
-    make, targets, inputs = CASES[kind]
-    base = make().to(dtype)
-    fm = funcmem.FunctionalMemory(base, targets, rank=3, alpha=6, condition_dim=4,
-                                  generator=funcmem.GeneratorConfig(d_model=16, depth=1, head_dim=8, token_dim=8))
-    return base, fm, inputs
+from helpers import CASES, TinyTransformer, build, random_lora
 
 
 @pytest.mark.parametrize("kind", list(CASES))

@@ -74,10 +74,6 @@ def test_config_fields_missing_unknown_or_damaged(tmp_path):
     file.write_text(json.dumps({**config, "generator": {**config["generator"], "d_model": 64}}))
     with pytest.raises(ValueError, match=r"model\.safetensors does not fit the model its config\.json describes \(41 shapes differ\): hidden_in.weight: \(32, 12\) in the file, \(64, 12\) in the model"):
         funcmem.FunctionalMemory.from_pretrained(tmp_path, TinyTransformer())
-    with pytest.raises(ValueError, match=r"unknown EditorConfig fields \['colour'\]"):
-        from funcmem.editing.editor import EditorConfig
-
-        EditorConfig.from_dict({"width": 32, "colour": 1})
 
 
 def test_a_trainer_checkpoint_that_is_cut_is_refused_by_name(tmp_path):
@@ -172,38 +168,3 @@ def test_generator_output_is_bounded_and_finite_for_extreme_conditions():
     for c in (torch.full((2, 3, 12), 1e30), torch.full((2, 3, 12), -1e30), torch.zeros(2, 1, 12)):
         lora = fm.generate(c)  # the input RMSNorm keeps huge conditions finite
         assert all(torch.isfinite(t).all() for ab in lora.factors.values() for t in ab)
-
-
-# ---------------------------------------------------------------- the edit entry point
-
-
-def test_edit_image_cleans_the_instruction_and_takes_any_image_size():
-    from types import SimpleNamespace as NS
-
-    from funcmem.editing.apply import edit_image
-
-    seen = []
-
-    class Text:
-        def encode(self, texts, max_tokens):
-            seen.extend(texts)
-            return torch.zeros(len(texts), max_tokens, 384), torch.ones(len(texts), max_tokens, dtype=torch.bool)
-
-    class Encoder:
-        def raw(self, tiles, instructions):
-            return {}
-
-    class Brighter:
-        def predict(self, batch):
-            return batch["inputs"] + 0.1
-
-    loaded = {"config": NS(size=8), "text_encoder": Text(), "editor": NS(config=NS(max_text_tokens=4)),
-              "encoder": Encoder(), "methods": {"functional_memory": Brighter()}}
-    for shape in [(3, 1, 1), (3, 1, 100), (3, 37, 5)]:
-        out = edit_image(loaded, torch.full(shape, 0.5), " make\x00 it\nbrighter\x1b ")
-        assert out.shape == shape
-        torch.testing.assert_close(out, torch.full(shape, 0.6))
-    assert set(seen) == {"make it brighter"}
-    for bad in ("", "\n\t \x00", "x" * 5000):
-        with pytest.raises(ValueError, match="empty|characters long"):
-            edit_image(loaded, torch.zeros(3, 4, 4), bad)

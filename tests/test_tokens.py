@@ -8,6 +8,7 @@ import torch
 from funcmem.lora import LoRA
 from funcmem.targets import Target
 from funcmem.tokens import TokenLayout
+from helpers import random_lora
 
 
 def mixed_targets():
@@ -23,17 +24,12 @@ def mixed_targets():
     ]
 
 
-def random_lora(targets, rank, n, dtype=torch.float32):
-    return LoRA({t.name: (torch.randn(n, *t.a_shape(rank)).to(dtype), torch.randn(n, *t.b_shape(rank)).to(dtype))
-                 for t in targets}, 2.0)
-
-
 @pytest.mark.parametrize("rank,token_dim", [(1, 8), (4, 16), (8, 5), (3, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_round_trip_is_bit_exact(rank, token_dim, dtype):
     targets = mixed_targets()
     layout = TokenLayout.from_targets(targets, rank, token_dim)
-    lora = random_lora(targets, rank, n=3, dtype=dtype)
+    lora = random_lora(targets, 3, rank=rank, scale=2.0, std=1.0, dtype=dtype)
     tokens = layout.tokenize(lora)
     assert tokens.shape == (3, layout.num_layers, layout.tokens_per_layer, rank, token_dim)
     back = layout.detokenize(tokens, lora.scale)
