@@ -2,9 +2,10 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+CORE   := .venv-core
 TORCH  := torch==2.13.0
 
-.PHONY: install test demo demo-full bench clean
+.PHONY: install test test-core demo demo-full bench clean
 
 install: $(STAMP)
 
@@ -17,6 +18,17 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The library alone (no editing / serve extras), in its own virtualenv: the CLI, the toy, the core's tests.
+$(CORE)/.installed: pyproject.toml
+	python3 -m venv $(CORE)
+	$(CORE)/bin/python -m pip install -q "$(TORCH)" -e ".[test-core]"
+	touch $@
+
+test-core: $(CORE)/.installed
+	$(CORE)/bin/funcmem --help > /dev/null
+	$(CORE)/bin/funcmem toy --steps 20 --out runs/toy-core
+	$(CORE)/bin/python -m pytest -q
+
 demo: $(STAMP)
 	$(VENV)/bin/funcmem demo --quick
 
@@ -24,7 +36,7 @@ demo-full: $(STAMP)
 	$(VENV)/bin/funcmem demo
 
 bench: $(STAMP)
-	$(VENV)/bin/funcmem bench
+	$(VENV)/bin/funcmem bench all
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CORE) runs .pytest_cache
