@@ -1,1 +1,16 @@
-"""The image-editing application of funcmem: edit operators, photo data, base editor, benchmark."""
+"""The image-editing application on top of the core (``pip install -e ".[editing]"``).
+
+    images.py      decoding image files safely (one error type)
+    text.py        cleaning instructions
+    ops.py         the edit operators with exact targets
+    data.py        photos from installed wheels or a folder, crops, examples
+    editor.py      the frozen MMDiT-style base editor
+    pretrain.py    its cached pretraining
+    conditions.py  frozen condition encoders and the condition projector
+    methods.py     the compared methods, each with ``predict(batch)``
+    metrics.py     PSNR / SSIM
+    rundir.py      the run directory every command saves and loads
+    apply.py       ``funcmem edit``: one image of any size
+    benchmark/     ``funcmem demo`` / ``funcmem eval``: every method, analyses, report
+    continual/     ``funcmem continual``: edits taught in stages, forgetting, removal
+"""

@@ -105,9 +105,10 @@ def load_run(run: str | Path, device: str = "cpu") -> Run:
     if wrong:
         raise ValueError(f"{run}: the generator was trained on condition streams {wrong} that the "
                          f"{config['conditions'][0]!r} encoder does not produce (it has {encoder.raw_dims})")
-    methods: dict[str, nn.Module] = {"base": Base(editor), MEMORY: memory}
+    methods: dict[str, nn.Module] = {"base": Base(editor)}
     for name, cls in OPTIONAL.items():
         if (run / name / "config.json").is_file():
             methods[name] = cls.from_pretrained(run / name, editor)
+    methods[MEMORY] = memory  # last, as results.json lists them
     methods = {k: m.to(device).eval() for k, m in methods.items()}
     return Run(run, config, editor, methods, encoder, text_encoder)
