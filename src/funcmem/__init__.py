@@ -10,7 +10,7 @@ Public API::
     y = fm(condition, x)
 """
 
-from . import distill, hywu, io, peft_io, train
+from . import diffusers_io, distill, hywu, io, peft_io, train
 from .generator import GeneratorConfig, ParameterGenerator
 from .lora import LoRA
 from .memory import FunctionalMemory, LoRABank, SharedLoRA
@@ -19,4 +19,4 @@ from .tokens import TokenLayout
 from .version import __version__
 
 __all__ = ["FunctionalMemory", "LoRABank", "SharedLoRA", "GeneratorConfig", "ParameterGenerator", "LoRA", "Target",
-           "TokenLayout", "resolve_targets", "distill", "hywu", "io", "peft_io", "train", "__version__"]
+           "TokenLayout", "resolve_targets", "diffusers_io", "distill", "hywu", "io", "peft_io", "train", "__version__"]

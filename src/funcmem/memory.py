@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import mount
+from .diffusers_io import export_diffusers
 from .generator import GeneratorConfig, ParameterGenerator
 from .guard import LoRAGuard, check_condition
 from .io import read_json, read_safetensors, write_json, write_safetensors
@@ -235,6 +236,11 @@ class FunctionalMemory(_Mountable):
         """Write sample ``index`` of ``lora`` as a PEFT adapter directory (``funcmem.peft_io.export_peft``)."""
         export_peft(self, lora, index, path, base_model_name_or_path)
 
+    def export_diffusers(self, lora: LoRA, index: int, path, prefix: str = "transformer") -> None:
+        """Write sample ``index`` of ``lora`` as ``pytorch_lora_weights.safetensors`` for diffusers'
+        ``load_lora_weights`` / ``load_lora_adapter`` (``funcmem.diffusers_io.export_diffusers``)."""
+        export_diffusers(self, lora, index, path, prefix)
+
 
 class LoRABank(_Mountable):
     """K static LoRAs on the same targets, one per task: sample i uses LoRA ``index[i]``.
@@ -313,6 +319,10 @@ class LoRABank(_Mountable):
         """Write LoRA ``index`` of the bank as a PEFT adapter directory."""
         export_peft(self, self.lora(), index, path, base_model_name_or_path)
 
+    def export_diffusers(self, index: int, path, prefix: str = "transformer") -> None:
+        """Write LoRA ``index`` of the bank as a diffusers LoRA file (``funcmem.diffusers_io``)."""
+        export_diffusers(self, self.lora(), index, path, prefix)
+
 
 def _key(name: str) -> str:
     """A target name as a ``ParameterDict`` key (dots are not allowed there)."""
@@ -352,6 +362,10 @@ class SharedLoRA(LoRABank):
     def export_peft(self, path, base_model_name_or_path: str | None = None) -> None:
         """Write the shared LoRA as a PEFT adapter directory that ``peft.PeftModel.from_pretrained`` loads."""
         export_peft(self, self.lora(), 0, path, base_model_name_or_path)
+
+    def export_diffusers(self, path, prefix: str = "transformer") -> None:
+        """Write the shared LoRA as a diffusers LoRA file (``funcmem.diffusers_io``)."""
+        export_diffusers(self, self.lora(), 0, path, prefix)
 
     @classmethod
     def from_peft(cls, base: nn.Module, path) -> "SharedLoRA":

@@ -82,6 +82,32 @@ def export_peft(mountable, lora: LoRA, index: int, path: str | Path, base_model_
         NotImplementedError: a target PEFT cannot hold the same way (Conv2d with dilation,
             stacked experts laid out (E, in, out)), named.
     """
+    adapter = adapter_weights(mountable, lora, index)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / WEIGHTS_NAME, {PREFIX + k: v for k, v in adapter.state.items()}, metadata={"format": "pt"})
+    write_json(path / CONFIG_NAME, _adapter_config(adapter.rank, adapter.alpha, adapter.modules, adapter.parameters,
+                                                   base_model_name_or_path))
+
+
+@dataclass
+class AdapterWeights:
+    """One sample's LoRA in PEFT's layout: ``state`` maps ``{module}.lora_A.weight`` / ``.lora_B.weight``
+    (no prefix) to tensors; ``modules`` / ``parameters`` are PEFT's ``target_modules`` /
+    ``target_parameters``; the update is ``alpha / rank * B A``."""
+
+    state: dict[str, Tensor]
+    modules: list[str]
+    parameters: list[str]
+    rank: int
+    alpha: float
+
+
+def adapter_weights(mountable, lora: LoRA, index: int) -> AdapterWeights:
+    """Sample ``index`` of ``lora`` (for ``mountable``'s targets) in PEFT's layout (see the module doc).
+
+    Raises: as ``export_peft``.
+    """
     n = len(lora)
     if not -n <= index < n:
         raise IndexError(f"sample {index} out of range for a LoRA of {n} samples")
@@ -94,14 +120,11 @@ def export_peft(mountable, lora: LoRA, index: int, path: str | Path, base_model_
         a, b = (f[0].detach() for f in one.factors[t.name])
         key, a, b = _to_peft(mountable.base, t, a, b, expert_keys)
         (parameters if t.kind == "experts" else modules).append(t.name)
-        state[f"{PREFIX}{key}.lora_A.weight"] = a
-        state[f"{PREFIX}{key}.lora_B.weight"] = b
+        state[f"{key}.lora_A.weight"] = a
+        state[f"{key}.lora_B.weight"] = b
     rank = mountable.rank
     alpha = mountable.alpha if math.isclose(one.scale, mountable.scale) else one.scale * rank
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / WEIGHTS_NAME, state, metadata={"format": "pt"})
-    write_json(path / CONFIG_NAME, _adapter_config(rank, alpha, modules, parameters, base_model_name_or_path))
+    return AdapterWeights(state, modules, parameters, rank, alpha)
 
 
 def _to_peft(base: nn.Module, t: Target, a: Tensor, b: Tensor, expert_keys: dict[str, str]) -> tuple[str, Tensor, Tensor]:
