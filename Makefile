@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 CORE   := .venv-core
 TORCH  := torch==2.13.0
 
-.PHONY: install test test-core demo demo-full bench clean
+.PHONY: install test test-fast test-core lint demo demo-full bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)   # everything but the tests marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The library alone (no editing / serve extras), in its own virtualenv: the CLI, the toy, the core's tests.
 $(CORE)/.installed: pyproject.toml
@@ -39,4 +45,4 @@ bench: $(STAMP)
 	$(VENV)/bin/funcmem bench all
 
 clean:
-	rm -rf $(VENV) $(CORE) runs .pytest_cache
+	rm -rf $(VENV) $(CORE) runs .pytest_cache .ruff_cache

@@ -136,6 +136,7 @@ def test_resolve_mode_single_process_and_bad_names(monkeypatch):
         resolve_mode("horovod")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])
 def test_two_processes_follow_the_one_process_loss_curve(two_process, reference, run):
     """2 processes x batch 4 (DDP, or FSDP-sharded generator) == 1 process x batch 8, step for step."""
@@ -154,6 +155,7 @@ def test_two_processes_follow_the_one_process_loss_curve(two_process, reference,
     assert len(metrics) == STEPS  # one writer (rank 0): no duplicated lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["ddp_stopped", "fsdp_stopped"])
 def test_two_process_checkpoint_resumes_in_one_process(two_process, reference, run, tmp_path):
     """The step-3 checkpoint of a 2-process run (full, unsharded tensors) resumes with 1 process
@@ -170,6 +172,7 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process, reference, r
         torch.testing.assert_close(value, ref_state[name], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_full_tensors(two_process, reference):
     """FSDP shards parameters across ranks; the checkpoint must still hold their full shapes."""
     from funcmem.io import read_safetensors

@@ -245,7 +245,8 @@ def test_fixture_mounts_on_a_base_by_its_module_paths(hywu_fixture):
         y = base(x)
     ref = reference_outputs(clean, expected, x)
     mounted, effect = rel_diff(y, ref), rel_diff(clean(x), ref)
-    print(f"fixture via from_pretrained: factors {generated:.3g}, mounted vs by hand {mounted:.3g} (LoRA effect {effect:.3g}; both relative to max |y|)")
+    print(f"fixture via from_pretrained: factors {generated:.3g}, mounted vs by hand {mounted:.3g} "
+          f"(LoRA effect {effect:.3g}; both relative to max |y|)")
     assert generated < 1e-4 and mounted < 1e-5 and effect > 1e-2
 
 
@@ -299,7 +300,8 @@ def test_base_that_does_not_fit_the_checkpoint(tmp_path):
     write_checkpoint(tmp_path, config, random_state(config))
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.q_proj'.*base lacks"):
         from_pretrained(tmp_path, MoEModel(num_layers=1))
-    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.gate_up_proj: .*\(E=3, out=32, in=24\).*\(E=4, out=32, in=24\)"):
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.gate_up_proj: "
+                                         r".*\(E=3, out=32, in=24\).*\(E=4, out=32, in=24\)"):
         from_pretrained(tmp_path, MoEModel(num_experts=4))
     wrong = MoEModel()
     wrong.model.layers[0].self_attn.k_proj = nn.Linear(24, 12)

@@ -71,7 +71,8 @@ def test_directories_holding_only_pickles_are_refused(planted, tmp_path):
         funcmem.hywu.load_generator(d)
     peft = tmp_path / "peft"
     peft.mkdir()
-    (peft / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv"]}))
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv"]}
+    (peft / "adapter_config.json").write_text(json.dumps(config))
     (peft / "adapter_model.bin").write_bytes((folder / "evil.bin").read_bytes())
     from helpers import TinyTransformer
 
@@ -156,6 +157,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_file_never_leave_it_corrupt(tmp_path):
     path = tmp_path / "entry.safetensors"
     io.write_safetensors(path, {"x": torch.zeros(256, 256), "i": torch.tensor([0])})

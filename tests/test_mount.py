@@ -107,7 +107,7 @@ def test_wrapped_base_saves_and_loads_under_its_own_names():
     torch.manual_seed(0)
     base = TinyTransformer()
     names = list(base.state_dict())
-    fm = funcmem.FunctionalMemory(base, ["qkv", "fc1"], rank=2, condition_dim=4)
+    funcmem.FunctionalMemory(base, ["qkv", "fc1"], rank=2, condition_dim=4)  # wraps the targets
     assert list(base.state_dict()) == names
     fresh = TinyTransformer()
     fresh.load_state_dict(base.state_dict())  # a plain base reads a wrapped base's weights

@@ -147,7 +147,8 @@ def test_grouped_experts_both_ways(tmp_path):
 def test_what_funcmem_cannot_represent_is_refused(tmp_path):
     torch.manual_seed(4)
     clean = ConvMLP()
-    get_peft_model(copy.deepcopy(clean), LoraConfig(r=2, target_modules=["fc1"], use_dora=True)).save_pretrained(tmp_path / "dora")
+    dora = LoraConfig(r=2, target_modules=["fc1"], use_dora=True)
+    get_peft_model(copy.deepcopy(clean), dora).save_pretrained(tmp_path / "dora")
     with pytest.raises(NotImplementedError, match=r"use_dora=True \(DoRA"):
         funcmem.SharedLoRA.from_peft(copy.deepcopy(clean), tmp_path / "dora")
     get_peft_model(copy.deepcopy(clean), LoraConfig(r=2, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 4})

@@ -72,7 +72,9 @@ def test_config_fields_missing_unknown_or_damaged(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read .*config\.json as JSON"):
         funcmem.FunctionalMemory.from_pretrained(tmp_path, TinyTransformer())
     file.write_text(json.dumps({**config, "generator": {**config["generator"], "d_model": 64}}))
-    with pytest.raises(ValueError, match=r"model\.safetensors does not fit the model its config\.json describes \(41 shapes differ\): hidden_in.weight: \(32, 12\) in the file, \(64, 12\) in the model"):
+    with pytest.raises(ValueError, match=r"model\.safetensors does not fit the model its config\.json describes "
+                                         r"\(41 shapes differ\): hidden_in.weight: \(32, 12\) in the file, "
+                                         r"\(64, 12\) in the model"):
         funcmem.FunctionalMemory.from_pretrained(tmp_path, TinyTransformer())
 
 

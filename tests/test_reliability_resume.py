@@ -98,6 +98,7 @@ def run_until(out_dir, kill_after=None, stall_at=None, delay=0.0):
     return first, last, finished
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path, one_thread):
     straight, tasks = build(tmp_path / "straight")  # first: forked children then find AdamW etc. imported
     straight.fit(tasks.batch)

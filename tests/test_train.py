@@ -76,6 +76,7 @@ def test_checkpoint_from_other_parameters_is_refused(tmp_path):
             tasks.batch, resume=True)
 
 
+@pytest.mark.slow
 def test_generator_beats_a_larger_shared_lora_on_conflicting_tasks():
     base, tasks = make()
     fm = funcmem.FunctionalMemory(base, ["fc1", "fc2"], rank=4, condition_dim=16, generator=GEN)

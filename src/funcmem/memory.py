@@ -143,7 +143,8 @@ def load_weights(module: nn.Module, path) -> None:
              for k, v in own.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{file} does not fit the model its {CONFIG_NAME} describes ({len(wrong)} shapes differ):"
-                         + (f" missing {missing[:5]};" if missing else "") + (f" unexpected {unexpected[:5]};" if unexpected else "")
+                         + (f" missing {missing[:5]};" if missing else "")
+                         + (f" unexpected {unexpected[:5]};" if unexpected else "")
                          + (" " + "; ".join(wrong[:3]) if wrong else ""))
     module.load_state_dict(state)
 

@@ -30,6 +30,7 @@ def tiny_run(tmp_path_factory):
     return out, cfg
 
 
+@pytest.mark.slow
 def test_results_json_has_every_key(tiny_run):
     out, cfg = tiny_run
     r = json.loads((out / "results.json").read_text())
@@ -60,6 +61,7 @@ def test_results_json_has_every_key(tiny_run):
         assert (out / name).is_file(), name  # the run directory
 
 
+@pytest.mark.slow
 def test_edit_command_keeps_the_input_size(tiny_run, tmp_path):
     out, _ = tiny_run
     src = tmp_path / "in.png"
@@ -69,6 +71,7 @@ def test_edit_command_keeps_the_input_size(tiny_run, tmp_path):
     assert Image.open(dst).size == (70, 45)
 
 
+@pytest.mark.slow
 def test_eval_command_on_another_folder(tiny_run, tmp_path):
     out, _ = tiny_run
     for i in range(2):

@@ -83,6 +83,7 @@ def tiny_run(tmp_path_factory):
     return out, cfg, results, seen
 
 
+@pytest.mark.slow
 def test_every_stage_trains_on_its_own_group_only(tiny_run):
     _, cfg, _, seen = tiny_run
     groups = [sorted(EDIT_NAMES.index(e) for e in edits) for edits in cfg.groups.values()]
@@ -92,17 +93,19 @@ def test_every_stage_trains_on_its_own_group_only(tiny_run):
         assert ids == groups[stage], name
 
 
+@pytest.mark.slow
 def test_only_fm_replay_distils_and_only_after_the_first_stage(tiny_run):
     _, _, _, seen = tiny_run
     replay = {name: isinstance(loss, learners.ReplayLoss) for name, _, loss in seen}
     assert replay == {name: name == "fm_replay: stage B" for name in replay}
 
 
+@pytest.mark.slow
 def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     out, cfg, _, _ = tiny_run
     r = json.loads((out / "continual.json").read_text())
     assert set(r["methods"]) == set(continual.METHODS)
-    for m, entry in r["methods"].items():
+    for entry in r["methods"].values():
         R = entry["matrix"]
         assert R[0][1] is None and all(math.isfinite(v) for row in R for v in row if v is not None)
         assert entry["average"] == pytest.approx(summarize(R)["average"])
@@ -127,6 +130,7 @@ def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     assert r["config"]["benchmark"]["steps"] == cfg.benchmark.steps  # the stages' settings, by composition
 
 
+@pytest.mark.slow
 def test_the_run_directory_holds_the_replay_generator(tiny_run, monkeypatch):
     """``funcmem edit`` / ``eval`` / ``serve`` load a continual run like a demo run."""
     out, cfg, _, _ = tiny_run

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from funcmem import io
@@ -27,6 +28,7 @@ CACHE_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_filling_one_cache_entry_agree(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", CACHE_JOB, str(tmp_path)], stdout=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -135,6 +135,7 @@ def _compiler_available() -> str | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_compiler_available() is not None, reason=str(_compiler_available()))
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch internals
 def test_per_sample_path_compiles_without_graph_breaks():

@@ -103,7 +103,7 @@ def load_photos(names: Sequence[str] | None = None) -> list[Photo]:
             image = _read_rgb(_package_dir(package) / file)
         except (OSError, ModuleNotFoundError, ImageError) as e:
             failures.append(f"{name} ({package}/{file}): {e}")
-            warnings.warn(f"skipping photo {name!r}: cannot read {package}/{file}: {e}")
+            warnings.warn(f"skipping photo {name!r}: cannot read {package}/{file}: {e}", stacklevel=2)
             continue
         photos.append(Photo(name, package, licence, image))
     need = min(MIN_PHOTOS, len(names))

@@ -181,7 +181,8 @@ class Editor(nn.Module):
         if text_states.dim() != 3 or text_states.shape[-1] != cfg.text_dim or text_states.shape[0] != image.shape[0]:
             raise ValueError(f"text_states must be (B={image.shape[0]}, T, {cfg.text_dim}), got {tuple(text_states.shape)}")
         if text_mask.shape != text_states.shape[:2] or text_mask.dtype != torch.bool:
-            raise ValueError(f"text_mask must be bool {tuple(text_states.shape[:2])}, got {text_mask.dtype} {tuple(text_mask.shape)}")
+            raise ValueError(f"text_mask must be bool {tuple(text_states.shape[:2])}, "
+                             f"got {text_mask.dtype} {tuple(text_mask.shape)}")
 
     def hidden_states(self, image: Tensor, text_states: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Last-block token states: image (B, N, C) and text (B, T, C) (padded text rows are junk)."""

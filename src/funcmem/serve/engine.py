@@ -151,7 +151,8 @@ class EditEngine:
             rows = LoRA({k: (_pad(a, self.chunk), _pad(b, self.chunk)) for k, (a, b) in rows.factors.items()},
                         rows.scale).to(self.device)
             args = (_pad(tiles[s:e], self.chunk), _pad(states[s:e], self.chunk), _pad(mask[s:e], self.chunk))
-            with lora_path("per_sample"), self.memory.fm.mounted(rows):  # one row per sample, whatever the chunk (this thread only)
+            # one row per sample, whatever the chunk (this thread only)
+            with lora_path("per_sample"), self.memory.fm.mounted(rows):
                 out.append(self.editor(*(a.to(self.device) for a in args))[: e - s].cpu())
         return torch.cat(out)
 

@@ -138,7 +138,8 @@ def findings(results: dict) -> list[str]:
                f"with no label.")
     if "retrieval_lora" in m:
         out.append(f"Retrieval of stored per-task LoRAs by nearest condition picks the right edit for "
-                   f"{100 * results['retrieval_accuracy']:.0f}% of test samples and reaches {m['retrieval_lora']['psnr']:.2f} dB.")
+                   f"{100 * results['retrieval_accuracy']:.0f}% of test samples and reaches "
+                   f"{m['retrieval_lora']['psnr']:.2f} dB.")
     if "methods_seen_phrasings" in results:
         seen, probe = results["methods_seen_phrasings"], results.get("instruction_probe", {})
         fm_s, best_s = seen["functional_memory"]["psnr"], max(seen["shared_lora"]["psnr"], seen["shared_lora_matched"]["psnr"])
