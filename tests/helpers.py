@@ -78,6 +78,19 @@ class MoE(nn.Module):
         return x
 
 
+def tiny_sd3(seed: int = 0):
+    """A 2-block diffusers ``SD3Transformer2DModel`` with random weights (needs diffusers): latents
+    (b, 4, 8, 8), prompt embeddings (b, L, 16), pooled (b, 8); LoRA-able ``attn.to_q/k/v``,
+    ``attn.add_q/k/v_proj`` and the patch embedding ``pos_embed.proj`` (a 2x2 stride-2 Conv2d)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+                                           pos_embed_max_size=16).eval()
+
+
 def randomize_b_head(fm, std: float = 0.02):
     """Give the generator a nonzero B head (at init it is zero, so every LoRA is a no-op)."""
     with torch.no_grad():

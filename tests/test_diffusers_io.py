@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import funcmem
 from funcmem.diffusers_io import METADATA_KEY, WEIGHTS_NAME
+from helpers import build, random_lora, tiny_sd3
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # diffusers loads LoRA through PEFT
@@ -21,15 +22,6 @@ pytest.importorskip("peft")  # diffusers loads LoRA through PEFT
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
            "pos_embed.proj"]
 RANK, ALPHA = 4, 12  # scale 3: a lost alpha / r would show
-
-
-def tiny_sd3() -> diffusers.SD3Transformer2DModel:
-    """2 joint blocks: latents (b, 4, 8, 8), prompt (b, L, 16), pooled (b, 8); random weights."""
-    torch.manual_seed(0)
-    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-                                           pos_embed_max_size=16).eval()
 
 
 def inputs(b: int):
@@ -124,8 +116,6 @@ def test_a_shared_lora_and_a_bank_entry_export_the_same_way(tmp_path):
 
 
 def test_stacked_experts_are_refused_by_name(tmp_path):
-    from helpers import build, random_lora
-
     _, fm, _ = build("experts")
     with pytest.raises(NotImplementedError, match="experts.gate_up"):
         fm.export_diffusers(random_lora(fm, 1), 0, tmp_path)

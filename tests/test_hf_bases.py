@@ -17,6 +17,7 @@ import torch
 
 import funcmem
 from funcmem.train import Trainer, TrainConfig
+from helpers import tiny_sd3
 
 transformers = pytest.importorskip("transformers")
 
@@ -160,12 +161,8 @@ def test_decoder_save_pretrained_round_trip(arch, tmp_path):
 
 def sd3(seed: int = 0):
     """A 2-block SD3 MMDiT: latents (b, 4, 8, 8), prompt (b, L, 16), pooled (b, 8)."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-                                           pos_embed_max_size=16).eval()
+    pytest.importorskip("diffusers")
+    return tiny_sd3(seed)
 
 
 def sd3_fm(seed: int = 0):

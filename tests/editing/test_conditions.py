@@ -10,13 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from funcmem.editing.conditions import (BaseHiddenEncoder, ConditionEncoder, ConditionProjector, ImageEncoder,
-                                        MiniLMEfficientNet, TextEncoder)
+                                        MiniLMEfficientNet)
 from funcmem.editing.editor import Editor, EditorConfig
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    return TextEncoder()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from funcmem.editing import pretrain
-from funcmem.editing.conditions import TextEncoder
 from funcmem.editing.editor import Editor, EditorConfig
 
 TINY = EditorConfig(image_size=16, patch=4, width=32, depth=2, heads=2, max_text_tokens=16)
@@ -25,11 +24,6 @@ def _inputs(cfg: EditorConfig, b: int = 2, t: int = 16, seed: int = 0):
     mask[0, :3] = True
     mask[1, :5] = True
     return image, states, mask
-
-
-@pytest.fixture(scope="module")
-def text_encoder():
-    return TextEncoder()
 
 
 def _trained(cfg=TINY):
