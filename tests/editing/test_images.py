@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
-from funcmem.editing.images import ImageError, decode_rgb, read_rgb
+from funcmem.editing.images import FORMATS, MAGIC, ImageError, decode_rgb, decode_rgb8, probe, read_rgb, sniff
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -178,7 +178,7 @@ def test_every_mode_and_format_decodes_to_rgb_in_range(mode, w, h, fmt, data):
         encoded = encode(im, fmt)
     except (OSError, ValueError, KeyError):
         return  # PIL cannot write this mode in this format
-    x = decode_rgb(encoded, f"img.{fmt.lower()}")
+    x = decode_rgb(encoded, f"img.{fmt.lower()}", formats=(fmt,))  # beyond the default three when asked
     assert x.shape == (3, h, w) and 0 <= float(x.min()) <= float(x.max()) <= 1
 
 
@@ -211,7 +211,7 @@ def test_fuzz_the_decoder_on_mutated_images():
     start, outcomes = time.perf_counter(), {"ok": 0, "refused": 0}
     for data in _mutations(seed=0, n=4000):
         try:
-            x = decode_rgb(data, "m.img")
+            x = decode_rgb(data, "m.img", formats=tuple(MAGIC))  # every decoder the sniffer knows
             assert x.shape[0] == 3 and 0 <= float(x.min()) <= float(x.max()) <= 1
             outcomes["ok"] += 1
         except ImageError:
@@ -219,3 +219,68 @@ def test_fuzz_the_decoder_on_mutated_images():
         if time.perf_counter() - start > 45:
             break
     assert outcomes["ok"] > 0 and outcomes["refused"] > 0
+
+
+# ---------------------------------------------------------------- formats: a short list, recognised by magic number
+
+
+def dds_unknown_pixel_format() -> bytes:
+    """A DDS header with an unknown FourCC: PIL's DDS plugin raises NotImplementedError on it."""
+    header = struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + b"\0" * 44
+    header += struct.pack("<2I", 32, 0x4) + b"XYZW" + struct.pack("<5I", 0, 0, 0, 0, 0) + struct.pack("<5I", 0x1000, 0, 0, 0, 0)
+    return b"DDS " + header + b"\0" * 256
+
+
+def spider_stack_image() -> bytes:
+    """A SPIDER header for an image inside a stack: PIL's plugin raises AttributeError on it."""
+    h = [0.0] * 28
+    h[1], h[2], h[5], h[12], h[13], h[22], h[23], h[24], h[27] = 1, 8, 1, 8, 1, 32, 32, 0, 1
+    return struct.pack(">27f", *h[1:]) + b"\0" * 512
+
+
+def test_only_png_jpeg_and_webp_are_decoded_by_default():
+    assert FORMATS == ("PNG", "JPEG", "WEBP")
+    pixels = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    for fmt in FORMATS:
+        data = encode(pixels, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        assert sniff(data) == fmt and probe(data) == (fmt, 4, 4)
+        assert decode_rgb8(data).shape == (4, 4, 3)
+    for fmt in ("BMP", "GIF", "TIFF"):
+        data = encode(pixels, fmt)
+        with pytest.raises(ImageError, match=rf"a {fmt} image, which is not accepted \(accepted: PNG, JPEG, WEBP\)"):
+            decode_rgb(data, "x")
+        assert decode_rgb(data, "x", formats=(fmt,)).shape == (3, 4, 4)  # allowed when asked for
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # would reach Ghostscript
+    for data in (eps, dds_unknown_pixel_format(), spider_stack_image()):
+        with pytest.raises(ImageError, match="not an image in an accepted format"):
+            decode_rgb(data, "x")
+
+
+def test_a_png_in_disguise_is_opened_by_the_png_decoder_only():
+    """PIL is told the one format the magic number names: a JPEG renamed .png is a JPEG, and
+    bytes claiming PNG but holding a DDS are not handed to the DDS plugin."""
+    jpeg = encode(Image.new("RGB", (5, 3), (10, 200, 30)), "JPEG")
+    assert probe(jpeg, "photo.png") == ("JPEG", 5, 3)
+    fake = b"\x89PNG\r\n\x1a\n" + dds_unknown_pixel_format()
+    with pytest.raises(ImageError, match="corrupt or unsupported|not a readable image"):
+        decode_rgb(fake, "fake.png")
+
+
+def test_any_exception_inside_pil_becomes_an_image_error(monkeypatch):
+    """DDS and SPIDER once raised NotImplementedError / AttributeError from inside PIL; whatever a
+    decoder raises is an ImageError naming the file, with the original chained."""
+    data = encode(Image.new("RGB", (4, 4)))
+    for error in (NotImplementedError("Unimplemented pixel format"), AttributeError("no attribute 'stkoffset'"),
+                  KeyError("x"), RuntimeError("deep")):
+        def broken(self, error=error):
+            raise error
+        monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+        with pytest.raises(ImageError, match=rf"m\.png: the data is corrupt or unsupported \({type(error).__name__}") as info:
+            decode_rgb(data, "m.png")
+        assert info.value.__cause__ is error
+
+
+def test_probe_reads_the_header_without_decoding(monkeypatch):
+    big = png_header_only(6000, 4000)  # 24 MP declared, no pixel data
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("probe decoded pixels"))
+    assert probe(big, "big.png") == ("PNG", 6000, 4000)
