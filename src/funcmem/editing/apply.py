@@ -1,15 +1,28 @@
-"""Editing one image of any size with a trained run (``funcmem edit``).
+"""Editing one image of any size with a trained run (``funcmem edit``; the service uses the same steps).
 
 The editor works on fixed-size tiles at the training scale, so the image is brought to that
-scale (``fit_scale``), cut into tiles (reflect-padded), and every tile gets its own generated
+scale (``tile_grid``), cut into tiles (reflect-padded), and every tile gets its own generated
 LoRA from its own condition, as a training crop did. The edit (edited minus unedited, at the
-training scale) is resized back to the input's size and added to the original, so the output
-has the input's size and keeps its detail where the edit leaves it alone.
+training scale) is resized back to the input's size and added to the original (``blend``), so
+the output has the input's size and keeps its detail where the edit leaves it alone.
+
+Work is bounded by the input, whatever its size:
+
+- at most ``max_tiles`` tiles per image: a large or wide image is edited at a coarser scale
+  (its long side shrunk until its tiles fit), and an image too elongated to fit even at the
+  smallest scale (short side = one tile) is refused with ``TooManyTiles``, which names the limit;
+- the models see ``chunk`` tiles at a time, so their memory does not grow with the image;
+- the full-resolution image stays uint8 (H, W, 3) and the edit is added to it in strips of rows,
+  so memory beyond the input and output arrays is a few MB, not a float copy of every pixel.
+
+Shapes: images are (H, W, 3), uint8 or float in [0, 1] (the output has the input's dtype); tiles
+are (n, 3, S, S) float.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +31,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .data import fit_scale
-from .images import read_rgb
+from .images import read_rgb, read_rgb8
 from .rundir import Run, load_run
 from .text import clean_instruction
+
+MAX_TILES = 64  # tiles per image: see docs/serving.md for the measured cost behind it
+CHUNK = 16  # tiles per model call
+MAX_SCALE = 4.0  # the short side at the training scale lies in [S, MAX_SCALE * S] (``data.fit_scale``)
+STRIP_BYTES = 8 * 2**20  # float work per strip of rows in ``blend``
+
+
+class TooManyTiles(ValueError):
+    """An image whose side ratio needs more tiles than the limit even at the smallest scale."""
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -30,51 +51,124 @@ def read_image(path: str | Path) -> Tensor:
     return read_rgb(path)
 
 
-def write_image(image: Tensor, path: str | Path) -> None:
-    array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+def write_image(image: Tensor | np.ndarray, path: str | Path) -> None:
+    """Write a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array as an image file."""
+    if isinstance(image, Tensor):
+        image = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    Image.fromarray(image).save(path)
 
 
-@torch.no_grad()
-def edit_image(run: Run, image: Tensor, instruction: str, method: str = "functional_memory") -> Tensor:
-    """Edit ``image`` (3, H, W) as told, with a run from ``rundir.load_run`` -> (3, H, W)."""
-    if method not in run.methods:
-        raise ValueError(f"the run has no method {method!r}; it has {sorted(run.methods)}")
-    instruction = clean_instruction(instruction)  # empty / too long refused, control characters removed
-    tiles, grid = to_tiles(image, run.size)
-    instructions = [instruction] * len(tiles)
-    states, mask = run.text_encoder.encode(instructions, run.editor.config.max_text_tokens)
-    batch = {"inputs": tiles, "text_states": states, "text_mask": mask, "raw": run.encoder.raw(tiles, instructions)}
-    edited = run.methods[method].predict(batch)  # (gh*gw, 3, size, size)
-    return from_tiles(edited, tiles, grid, image)
+def tile_grid(height: int, width: int, size: int, max_tiles: int = MAX_TILES) -> tuple[int, int, int, int]:
+    """The tiling of an image of ``height`` x ``width``: (gh, gw, h, w), gh * gw tiles of ``size``
+    covering the image scaled to h x w.
+
+    The scale is ``data.fit_scale``'s (short side brought into [size, 4 * size]) unless that
+    needs more than ``max_tiles`` tiles; then the short side shrinks until they fit.
+
+    Raises:
+        TooManyTiles: even with its short side at ``size`` the image needs more than ``max_tiles``.
+    """
+    short = min(height, width)
+    target = min(max(short, size), MAX_SCALE * size)
+    for t in [target, *range(math.ceil(target) - 1, size - 1, -1)]:
+        h, w = (height, width) if t == short else (max(size, round(d * t / short)) for d in (height, width))
+        gh, gw = -(-h // size), -(-w // size)
+        if gh * gw <= max_tiles:
+            return gh, gw, h, w
+    ratio = max(height, width) / short
+    raise TooManyTiles(f"the image is {width}x{height} (side ratio {ratio:.0f}:1): it needs {gh * gw} tiles "
+                       f"of {size} px even at the smallest scale; the limit is {max_tiles} tiles (crop it to a side "
+                       f"ratio of at most {max_tiles}:1)")
 
 
-def to_tiles(image: Tensor, size: int) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """Cut an image into the editor's tiles at the training scale (``fit_scale``, reflect-padded).
+def to_tiles(image: Tensor | np.ndarray, size: int, max_tiles: int = MAX_TILES) -> tuple[Tensor, tuple]:
+    """Cut an image into the editor's tiles at the training scale (``tile_grid``, reflect-padded).
 
     Shape:
-        image (3, H, W) -> tiles (gh * gw, 3, size, size), row-major, and ``grid`` (gh, gw, h, w):
-        the tile grid and the scaled image's size before padding (for ``from_tiles``).
+        image (H, W, 3) uint8 or float -> tiles (gh * gw, 3, size, size) float, row-major, and
+        ``grid`` (gh, gw, h, w): the tile grid and the scaled image's size before padding.
     """
-    scaled = fit_scale(image, size)  # (3, h, w), short side in [size, 4 * size]
-    h, w = scaled.shape[-2:]
-    ph, pw = -h % size, -w % size
+    image = torch.as_tensor(image)
+    gh, gw, h, w = tile_grid(*image.shape[:2], size, max_tiles)
+    x = image.permute(2, 0, 1)[None]  # (1, 3, H, W), a channels-last view: uint8 resizes without a float copy
+    if (h, w) != tuple(image.shape[:2]):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    scaled = x[0].float() / 255 if image.dtype == torch.uint8 else x[0].float().clamp(0, 1)  # (3, h, w)
+    ph, pw = gh * size - h, gw * size - w
     padded = F.pad(scaled[None], (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")[0]
-    gh, gw = padded.shape[1] // size, padded.shape[2] // size
     tiles = padded.unfold(1, size, size).unfold(2, size, size)  # (3, gh, gw, size, size)
-    return tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, size, size), (gh, gw, h, w)
+    return tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, size, size).contiguous(), (gh, gw, h, w)
 
 
-def from_tiles(edited: Tensor, tiles: Tensor, grid: tuple[int, int, int, int], image: Tensor) -> Tensor:
-    """The edit of each tile (edited minus input tile), stitched, resized to the image's size and
-    added to it: edited, tiles (gh * gw, 3, size, size), image (3, H, W) -> (3, H, W) in [0, 1]."""
+def stitch(edited: Tensor, tiles: Tensor, grid: tuple) -> Tensor:
+    """The edit of each tile (edited minus input tile) laid out as one image: (3, h, w) at the
+    training scale, from edited and tiles (gh * gw, 3, size, size)."""
     gh, gw, h, w = grid
     size = tiles.shape[-1]
     delta = (edited.clamp(0, 1) - tiles).view(gh, gw, 3, size, size)
-    delta = delta.permute(2, 0, 3, 1, 4).reshape(3, gh * size, gw * size)[:, :h, :w]
-    delta = F.interpolate(delta[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
-    return (image + delta).clamp(0, 1)
+    return delta.permute(2, 0, 3, 1, 4).reshape(3, gh * size, gw * size)[:, :h, :w]
+
+
+def blend(image: Tensor | np.ndarray, delta: Tensor) -> Tensor:
+    """``image`` plus ``delta`` resized (bilinear) to its size, clamped: (H, W, 3) + (3, h, w) ->
+    (H, W, 3) of the image's dtype. Done in strips of rows, so the float work is a few MB whatever
+    the image's size (the same numbers as ``F.interpolate(delta, (H, W))``, to float rounding)."""
+    image = torch.as_tensor(image)
+    H, W = image.shape[:2]
+    h = delta.shape[1]
+    wide = F.interpolate(delta[None].float(), size=(h, W), mode="bilinear", align_corners=False)[0]  # (3, h, W)
+    src = ((torch.arange(H, dtype=torch.float32) + 0.5) * (h / H) - 0.5).clamp(min=0)  # PyTorch's source rows
+    top = src.long().clamp(max=h - 1)
+    below = (top + 1).clamp(max=h - 1)
+    frac = (src - top)[:, None, None]  # (H, 1, 1)
+    out = torch.empty_like(image)
+    step = max(1, STRIP_BYTES // (4 * 3 * W))
+    for r in (slice(s, s + step) for s in range(0, H, step)):
+        rows = (wide[:, top[r]].permute(1, 2, 0) * (1 - frac[r]) + wide[:, below[r]].permute(1, 2, 0) * frac[r])
+        if image.dtype == torch.uint8:
+            out[r] = (image[r].float() + rows * 255).round_().clamp_(0, 255).to(torch.uint8)
+        else:
+            out[r] = (image[r] + rows).clamp_(0, 1)
+    return out
+
+
+def from_tiles(edited: Tensor, tiles: Tensor, grid: tuple, image: Tensor | np.ndarray) -> Tensor:
+    """The edited tiles' change added to the full-size image: (H, W, 3) of the image's dtype."""
+    return blend(image, stitch(edited, tiles, grid))
+
+
+def predict(run: Run, method: str, tiles: Tensor, instruction: str, chunk: int = CHUNK) -> Tensor:
+    """A method's edit of tiles (n, 3, S, S), ``chunk`` tiles at a time -> (n, 3, S, S)."""
+    out = []
+    for s in range(0, len(tiles), chunk):
+        part = tiles[s:s + chunk]
+        texts = [instruction] * len(part)
+        states, mask = run.text_encoder.encode(texts, run.editor.config.max_text_tokens)
+        batch = {"inputs": part, "text_states": states, "text_mask": mask, "raw": run.encoder.raw(part, texts)}
+        out.append(run.methods[method].predict(batch))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def edit_array(run: Run, image: Tensor | np.ndarray, instruction: str, method: str = "functional_memory",
+               max_tiles: int = MAX_TILES, chunk: int = CHUNK) -> Tensor:
+    """Edit an (H, W, 3) image (uint8, or float in [0, 1]) as told -> (H, W, 3) of its dtype.
+
+    Raises:
+        ValueError: an unknown method, an empty or too long instruction; ``TooManyTiles``.
+    """
+    if method not in run.methods:
+        raise ValueError(f"the run has no method {method!r}; it has {sorted(run.methods)}")
+    instruction = clean_instruction(instruction)  # empty / too long refused, control characters removed
+    tiles, grid = to_tiles(image, run.size, max_tiles)
+    return from_tiles(predict(run, method, tiles, instruction, chunk), tiles, grid, image)
+
+
+def edit_image(run: Run, image: Tensor, instruction: str, method: str = "functional_memory",
+               max_tiles: int = MAX_TILES, chunk: int = CHUNK) -> Tensor:
+    """Edit a (3, H, W) float image in [0, 1] with a run from ``rundir.load_run`` -> (3, H, W)."""
+    return edit_array(run, image.permute(1, 2, 0), instruction, method, max_tiles, chunk).permute(2, 0, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,11 +178,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("instruction")
     parser.add_argument("-o", "--output", required=True)
     parser.add_argument("--method", default="functional_memory")
+    parser.add_argument("--max-tiles", type=int, default=MAX_TILES,
+                        help="most tiles an image is cut into; a larger image is edited at a coarser scale")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="tiles per model call (memory, not results)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    image = read_image(args.image)
-    out = edit_image(load_run(args.run), image, args.instruction, args.method)
-    write_image(out, args.output)
-    print(f"wrote {args.output} ({out.shape[2]}x{out.shape[1]})")
+    if args.max_tiles < 1 or args.chunk < 1:
+        raise ValueError(f"--max-tiles and --chunk must be at least 1, got {args.max_tiles} and {args.chunk}")
+    if Path(args.output).resolve() == Path(args.image).resolve():
+        raise ValueError(f"-o {args.output} is the input image; write the edit to another file")
+    image = read_rgb8(args.image)
+    out = edit_array(load_run(args.run), image, args.instruction, args.method, args.max_tiles, args.chunk)
+    write_image(out.numpy(), args.output)
+    print(f"wrote {args.output} ({out.shape[1]}x{out.shape[0]})")
     return 0
