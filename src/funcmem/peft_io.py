@@ -127,6 +127,11 @@ def adapter_weights(mountable, lora: LoRA, index: int) -> AdapterWeights:
     return AdapterWeights(state, modules, parameters, rank, alpha)
 
 
+def adapter_config(adapter: AdapterWeights, base_model_name_or_path: str | None = None) -> dict:
+    """The ``adapter_config.json`` content for ``adapter`` (what ``export_peft`` writes beside the weights)."""
+    return _adapter_config(adapter.rank, adapter.alpha, adapter.modules, adapter.parameters, base_model_name_or_path)
+
+
 def _to_peft(base: nn.Module, t: Target, a: Tensor, b: Tensor, expert_keys: dict[str, str]) -> tuple[str, Tensor, Tensor]:
     """(PEFT module key, lora_A weight, lora_B weight) of one sample's factors at target ``t``."""
     if t.kind == "linear":

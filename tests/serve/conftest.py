@@ -20,7 +20,8 @@ from funcmem.serve.limits import ServeConfig  # noqa: E402
 from editing.tiny_run import make_tiny_run  # noqa: E402
 
 LIMITS = dict(max_upload_bytes=200_000, max_pixels=1_000_000, max_instruction_chars=100, chunk=4,
-              max_batch=16, max_wait_ms=20.0, manifold_crops=1)
+              max_batch=16, max_wait_ms=20.0, manifold_crops=1, max_tiles=16,
+              allowed_hosts=("testserver", "test"))  # the Host of TestClient and of httpx's ASGI transport
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
@@ -57,15 +58,15 @@ def client(app):
         yield c
 
 
-@pytest.fixture(scope="session")
-def live_server(service):
-    """http://127.0.0.1:PORT of a uvicorn server (in a thread) on the session's service."""
-    import uvicorn
+def serve_in_thread(service):
+    """Start the CLI's uvicorn server (its connection limits too) for ``service`` on a free loopback
+    port, in a thread -> (url, stop)."""
+    from funcmem.serve.cli import make_server
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    server = make_server(service, "127.0.0.1", port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -73,6 +74,17 @@ def live_server(service):
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def live_server(service):
+    """http://127.0.0.1:PORT of a uvicorn server (in a thread) on the session's service."""
+    url, stop = serve_in_thread(service)
+    yield url
+    stop()

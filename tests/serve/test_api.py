@@ -110,7 +110,7 @@ def test_empty_and_too_long_instructions(client):
 
 
 def test_bad_images(client):
-    assert_error(post(client, image=b"this is not an image"), 400, "not an image format", "image")
+    assert_error(post(client, image=b"this is not an image"), 400, "not an image in an accepted format", "image")
     assert_error(post(client, image=png_bytes(64, 64)[:200]), 400, "cannot read image", "image")
     assert_error(post(client, image=b""), 400, "empty", "image")
 

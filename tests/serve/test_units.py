@@ -7,26 +7,34 @@ import pytest
 import torch
 
 from funcmem.lora import LoRA
-from funcmem.serve.cache import LoRACache
+from funcmem.serve.cache import LoRACache, lora_bytes
 from funcmem.serve.loadtest import check_loopback
 from funcmem.serve.metrics import Metrics, parse
 
 
-def _lora(v: float) -> LoRA:
-    return LoRA({"x": (torch.full((1, 2, 3), v), torch.zeros(1, 3, 2))}, 1.0)
+def _lora(v: float, rows: int = 1) -> LoRA:
+    """rows x (6 + 6) float32 numbers: 48 bytes a row."""
+    return LoRA({"x": (torch.full((rows, 2, 3), float(v)), torch.zeros(rows, 3, 2))}, 1.0)
 
 
-def test_lru_cache_drops_the_least_recently_used():
-    cache = LoRACache(2)
+def test_lru_cache_is_bounded_in_bytes_and_drops_the_least_recently_used():
+    assert lora_bytes(_lora(1, rows=3)) == 3 * 48
+    cache = LoRACache(max_bytes=4 * 48)
     cache.put("a", _lora(1))
-    cache.put("b", _lora(2))
+    cache.put("b", _lora(2, rows=2))
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("c", _lora(3))
-    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
-    assert len(cache) == 2 and cache.hits == 3 and cache.misses == 1
+    cache.put("c", _lora(3))  # 4 rows: full, nothing dropped
+    assert len(cache) == 3 and cache.bytes == 4 * 48
+    cache.put("d", _lora(4))  # one row too many: b, the least recently used, goes (both its rows)
+    assert cache.get("b") is None and all(cache.get(k) is not None for k in "acd")
+    assert cache.bytes == 3 * 48 and cache.hits == 4 and cache.misses == 1
+    cache.put("big", _lora(5, rows=5))  # larger than the whole cache: not kept, nothing dropped
+    assert cache.get("big") is None and len(cache) == 3
+    cache.put("a", _lora(6, rows=2))  # replacing an entry counts its new size once
+    assert cache.bytes == 4 * 48 and float(cache.get("a").factors["x"][0][0, 0, 0]) == 6
     off = LoRACache(0)
     off.put("a", _lora(1))
-    assert off.get("a") is None
+    assert off.get("a") is None and off.bytes == 0
 
 
 def test_metrics_render_as_prometheus_text():

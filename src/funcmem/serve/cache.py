@@ -1,5 +1,9 @@
 """A bounded LRU cache of generated LoRAs, keyed by ``EditEngine.cache_key`` (a hash of the image
-bytes, the instruction and the model), so a repeated request skips the encoders and the generator."""
+bytes, the instruction and the model), so a repeated request (the page sent again with another
+strength, say) skips the encoders and the generator.
+
+Bounded in bytes, not entries: one entry holds a LoRA per tile, so entries differ in size by the
+tile limit (a one-tile request is ~1/64 of a 64-tile one)."""
 
 from __future__ import annotations
 
@@ -9,41 +13,54 @@ from collections import OrderedDict
 from ..lora import LoRA
 
 
+def lora_bytes(lora: LoRA) -> int:
+    """Bytes held by a LoRA's factors."""
+    return sum(a.nbytes + b.nbytes for a, b in lora.factors.values())
+
+
 class LoRACache:
-    """At most ``max_entries`` LoRAs; the least recently used is dropped first. Thread-safe.
+    """LoRAs up to ``max_bytes`` in all; the least recently used go first. Thread-safe.
 
     Args:
-        max_entries: capacity (0 turns the cache off). One entry of the demo's run holds
-            (tiles x ~10k) float32 numbers: ~40 kB per tile.
+        max_bytes: capacity (0 turns the cache off). An entry larger than it is not kept.
     """
 
-    def __init__(self, max_entries: int = 256):
-        if max_entries < 0:
-            raise ValueError(f"max_entries must be >= 0, got {max_entries}")
-        self.max_entries = max_entries
-        self._items: OrderedDict[str, LoRA] = OrderedDict()
+    def __init__(self, max_bytes: int = 128 * 2**20):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[LoRA, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.bytes = 0
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> LoRA | None:
         with self._lock:
-            lora = self._items.get(key)
-            if lora is None:
+            item = self._items.get(key)
+            if item is None:
                 self.misses += 1
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-            return lora
+            return item[0]
 
     def put(self, key: str, lora: LoRA) -> None:
-        if self.max_entries == 0:
+        size = lora_bytes(lora)
+        if size > self.max_bytes:
             return
         with self._lock:
-            self._items[key] = lora
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            self.bytes += size - (old[1] if old else 0)
+            self._items[key] = (lora, size)
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -14,18 +14,26 @@ engine therefore runs every model in fixed-size *chunks* of ``chunk`` tiles, pad
 (with copies of its last tile). Each tile is then computed in a batch of exactly ``chunk`` rows
 whatever else was batched with it, and a response is bit for bit the same under any load. Text
 features are computed one instruction at a time for the same reason (they are cached per string).
+
+Bounded work: a request has at most ``max_tiles`` tiles (``editing.apply.tile_grid``), and the
+batch is walked ``chunk`` tiles at a time; before each chunk, the tiles of requests whose deadline
+has passed (their caller already got a 504) are dropped, so a timed-out request stops costing
+compute within one chunk. The full-size image waits as uint8 and is edited in strips
+(``editing.apply.blend``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..editing.apply import from_tiles, to_tiles
+from ..editing.apply import MAX_TILES, from_tiles, to_tiles
 from ..editing.rundir import load_run, weight_files
 from ..lora import LoRA
 from ..mount import lora_path
@@ -38,15 +46,18 @@ class Job:
     """One request inside the engine.
 
     Args:
-        image: (3, H, W) in [0, 1], the decoded upload.
+        image: (H, W, 3) uint8, the decoded upload (kept compact: 3 bytes a pixel while it waits).
         instruction: the cleaned instruction.
         strength: multiplies the generated LoRA's B factors (0: the frozen editor alone).
         tiles: (n, 3, S, S) the image's tiles; grid: ``to_tiles``' grid.
         key: the LoRA cache key (None: not cached).
         want_output: False for a LoRA-only request (``/v1/lora``): the editor is skipped.
+        deadline: ``time.monotonic()`` after which nobody waits for it: its remaining work is
+            dropped at the next chunk boundary.
 
     Filled by ``EditEngine.run``: ``lora`` (n factor rows, unscaled by strength), ``output``
-    (3, H, W), ``cache_hit``, ``batch_size`` (requests in its batch).
+    (H, W, 3) uint8, ``cache_hit``, ``batch_size`` (requests in its batch). A job that expired
+    on the way gets neither ``lora`` nor ``output``.
     """
 
     image: Tensor
@@ -56,11 +67,15 @@ class Job:
     grid: tuple[int, int, int, int] | None = None
     key: str | None = None
     want_output: bool = True
+    deadline: float = math.inf
     lora: LoRA | None = None
     output: Tensor | None = None
     cache_hit: bool = False
     batch_size: int = 0
     extra: dict = field(default_factory=dict)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) > self.deadline
 
 
 def _chunks(n: int, chunk: int):
@@ -81,11 +96,12 @@ class EditEngine:
         run: a run directory (``funcmem demo`` output).
         chunk: tiles per model call (every call is padded to it; see the module doc).
         device: where the models run.
+        max_tiles: most tiles per request (``editing.apply.tile_grid``).
     """
 
-    def __init__(self, run: str | Path, chunk: int = 16, device: str = "cpu"):
-        if chunk < 1:
-            raise ValueError(f"chunk must be at least 1, got {chunk}")
+    def __init__(self, run: str | Path, chunk: int = 16, device: str = "cpu", max_tiles: int = MAX_TILES):
+        if chunk < 1 or max_tiles < 1:
+            raise ValueError(f"chunk and max_tiles must be at least 1, got {chunk} and {max_tiles}")
         self.run_dir = Path(run)
         self.loaded = load_run(self.run_dir, device)
         self.memory = self.loaded.memory
@@ -94,7 +110,7 @@ class EditEngine:
         self.text_encoder = self.loaded.text_encoder
         self.size: int = self.loaded.size
         self.max_text_tokens: int = self.editor.config.max_text_tokens
-        self.chunk = chunk
+        self.chunk, self.max_tiles = chunk, max_tiles
         self.device = torch.device(device)
         self.model_id = self._model_id()
 
@@ -114,11 +130,13 @@ class EditEngine:
         return h.hexdigest()
 
     def prepare(self, image: Tensor, instruction: str, strength: float = 1.0, key: str | None = None,
-                want_output: bool = True) -> Job:
-        tiles, grid = to_tiles(image, self.size)
-        return Job(image, instruction, strength, tiles, grid, key, want_output)
+                want_output: bool = True, deadline: float = math.inf) -> Job:
+        """A ``Job`` for an (H, W, 3) uint8 image: its tiles cut (cheap; any thread). Raises
+        ``TooManyTiles`` when its side ratio needs more than ``max_tiles``."""
+        tiles, grid = to_tiles(image, self.size, self.max_tiles)
+        return Job(image, instruction, strength, tiles, grid, key, want_output, deadline)
 
-    # ---- the batch
+    # ---- model calls on tiles
 
     def _text(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
         """Editor text states (B, T, 384) and mask, each instruction encoded on its own (cached)."""
@@ -134,6 +152,7 @@ class EditEngine:
 
     def generate(self, tiles: Tensor, instructions: list[str]) -> LoRA:
         """Generated LoRA rows for tiles (n, 3, S, S) and their instructions, in padded chunks."""
+        self._text(instructions)
         parts = []
         for s, e in _chunks(len(tiles), self.chunk):
             x = _pad(tiles[s:e], self.chunk).to(self.device)
@@ -144,51 +163,75 @@ class EditEngine:
 
     def edit(self, tiles: Tensor, instructions: list[str], lora: LoRA) -> Tensor:
         """The editor on tiles (n, 3, S, S), sample i with LoRA row i mounted -> (n, 3, S, S)."""
-        states, mask = self._text(instructions)
         out = []
         for s, e in _chunks(len(tiles), self.chunk):
+            states, mask = self._text(instructions[s:e])
             rows = lora[slice(s, e)]
             rows = LoRA({k: (_pad(a, self.chunk), _pad(b, self.chunk)) for k, (a, b) in rows.factors.items()},
                         rows.scale).to(self.device)
-            args = (_pad(tiles[s:e], self.chunk), _pad(states[s:e], self.chunk), _pad(mask[s:e], self.chunk))
+            args = (_pad(tiles[s:e], self.chunk), _pad(states, self.chunk), _pad(mask, self.chunk))
             # one row per sample, whatever the chunk (this thread only)
             with lora_path("per_sample"), self.memory.fm.mounted(rows):
                 out.append(self.editor(*(a.to(self.device) for a in args))[: e - s].cpu())
         return torch.cat(out)
 
+    # ---- a batch of jobs
+
+    def _plan(self, jobs: list[Job]):
+        """The batch's tiles, ``chunk`` at a time, as [(job, first row, end row)] runs; a job whose
+        deadline passed is left out from the next chunk on (its caller has been answered)."""
+        todo = [(job, i) for job in jobs for i in range(len(job.tiles))]
+        pos = 0
+        while pos < len(todo):
+            now, part = time.monotonic(), []
+            while pos < len(todo) and sum(e - s for _, s, e in part) < self.chunk:
+                job, i = todo[pos]
+                pos += 1
+                if job.expired(now):
+                    continue
+                if part and part[-1][0] is job:
+                    part[-1] = (job, part[-1][1], i + 1)
+                else:
+                    part.append((job, i, i + 1))
+            if part:
+                yield part
+
     @torch.inference_mode()
     def run(self, jobs: list[Job], cache=None) -> None:
-        """Fill every job's ``lora`` (from ``cache`` when it holds the key) and ``output``."""
+        """Fill every live job's ``lora`` (from ``cache`` when it holds the key) and ``output``."""
         for job in jobs:
             job.batch_size = len(jobs)
             cached = cache.get(job.key) if cache is not None and job.key is not None else None
             if cached is not None:
                 job.lora, job.cache_hit = cached, True
-        todo = [j for j in jobs if j.lora is None]
-        if todo:
-            self._text([j.instruction for j in todo])
-            lora = self.generate(torch.cat([j.tiles for j in todo]),
-                                 [j.instruction for j in todo for _ in range(len(j.tiles))])
-            start = 0
-            for job in todo:
-                n = len(job.tiles)
-                job.lora = LoRA({k: (a[start:start + n].clone(), b[start:start + n].clone())
-                                 for k, (a, b) in lora.factors.items()}, lora.scale)
-                start += n
+        pieces = _collect(self._plan([j for j in jobs if j.lora is None]), lambda part: self.generate(
+            torch.cat([job.tiles[s:e] for job, s, e in part]),
+            [job.instruction for job, s, e in part for _ in range(s, e)]))
+        for job, rows in pieces.items():
+            if not job.expired():
+                job.lora = LoRA.cat(rows)
                 if cache is not None and job.key is not None:
                     cache.put(job.key, job.lora)
-        editing = [j for j in jobs if j.want_output]
-        if not editing:
-            return
-        tiles = torch.cat([j.tiles for j in editing])
-        instructions = [j.instruction for j in editing for _ in range(len(j.tiles))]
-        lora = LoRA.cat([_scaled(j.lora, j.strength) for j in editing])
-        edited = self.edit(tiles, instructions, lora)
-        start = 0
-        for job in editing:
-            n = len(job.tiles)
-            job.output = from_tiles(edited[start:start + n], job.tiles, job.grid, job.image)
-            start += n
+        editing = [j for j in jobs if j.want_output and j.lora is not None]
+        pieces = _collect(self._plan(editing), lambda part: self.edit(
+            torch.cat([job.tiles[s:e] for job, s, e in part]),
+            [job.instruction for job, s, e in part for _ in range(s, e)],
+            LoRA.cat([_scaled(job.lora[slice(s, e)], job.strength) for job, s, e in part])))
+        for job, rows in pieces.items():
+            if not job.expired():
+                job.output = from_tiles(torch.cat(rows), job.tiles, job.grid, job.image)
+
+
+def _collect(plan, compute) -> dict:
+    """Run ``compute(part)`` on each part of a plan and split its rows back by job: {job: [rows, ...]}
+    (only jobs whose every tile was computed)."""
+    pieces: dict[Job, list] = {}
+    for part in plan:
+        out, k = compute(part), 0
+        for job, s, e in part:
+            pieces.setdefault(job, []).append(out[slice(k, k + e - s)])
+            k += e - s
+    return {job: rows for job, rows in pieces.items() if sum(len(r) for r in rows) == len(job.tiles)}
 
 
 def _scaled(lora: LoRA, strength: float) -> LoRA:

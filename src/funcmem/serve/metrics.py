@@ -1,13 +1,30 @@
 """Prometheus text-format metrics, kept by hand (no client library): request counts by endpoint
-and status, request latency and batch size histograms, LoRA cache hits and misses, queue depth."""
+and status, request latency and batch size histograms, LoRA cache hits, misses and bytes, queue
+depth, requests and image bytes admitted, and the process's resident memory (RSS)."""
 
 from __future__ import annotations
 
+import resource
+import sys
 import threading
 from collections import defaultdict
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def resident_bytes() -> int:
+    """The process's resident set size now (Linux: /proc/self/statm; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _gauge(name: str, help: str, value: float) -> list[str]:
+    return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value}"]
 
 
 class Histogram:
@@ -59,7 +76,18 @@ class Metrics:
             self.cache_hits += hits
             self.cache_misses += requests - hits
 
-    def render(self) -> str:
+    def render(self, cache=None, admission=None) -> str:
+        """The text of ``GET /metrics`` (``cache``: a ``LoRACache``; ``admission``: an ``Admission``)."""
+        extra = _gauge("process_resident_memory_bytes", "Resident memory of the server process.", resident_bytes())
+        if cache is not None:
+            extra += _gauge("funcmem_lora_cache_bytes", "Bytes of LoRA factors in the cache.", cache.bytes)
+            extra += _gauge("funcmem_lora_cache_entries", "LoRAs in the cache.", len(cache))
+        if admission is not None:
+            extra += _gauge("funcmem_in_flight", "Requests admitted and not yet answered.", admission.requests)
+            extra += _gauge("funcmem_image_bytes", "Bytes of decoded images reserved by admitted requests.",
+                            admission.image_bytes)
+            extra += _gauge("funcmem_admission_refused", "Requests refused (503) because a budget was full.",
+                            admission.refused)
         with self._lock:
             out = ["# HELP funcmem_requests_total HTTP requests by endpoint and status code.",
                    "# TYPE funcmem_requests_total counter"]
@@ -80,7 +108,7 @@ class Metrics:
                     f"funcmem_lora_cache_misses_total {self.cache_misses}",
                     "# HELP funcmem_queue_depth Requests waiting for a batch.",
                     "# TYPE funcmem_queue_depth gauge", f"funcmem_queue_depth {self.queue_depth}"]
-        return "\n".join(out) + "\n"
+        return "\n".join(out + extra) + "\n"
 
 
 def parse(text: str) -> dict[str, float]:
