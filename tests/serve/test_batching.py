@@ -48,3 +48,22 @@ def test_metrics_report_batches_larger_than_one(client):
 
     m = parse(client.get("/metrics").text)
     assert m["funcmem_batch_size_count"] > m['funcmem_batch_size_bucket{le="1"}']  # some batch held > 1 request
+
+
+def test_a_batch_stops_gathering_before_its_tile_budget():
+    """Items weigh their tiles; a batch never passes ``max_weight`` (one heavier item goes alone),
+    and the item that did not fit opens the next batch, in order."""
+    from funcmem.serve.batching import Batcher
+
+    batches = []
+    batcher = Batcher(lambda items: batches.append(list(items)) or items, max_batch=16, max_wait_s=0.5,
+                      max_queue=16, weight=lambda item: item, max_weight=10)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(w) for w in (4, 5, 3, 12, 2, 2)))
+
+    try:
+        assert asyncio.run(main()) == [4, 5, 3, 12, 2, 2]
+    finally:
+        batcher.stop()
+    assert batches == [[4, 5], [3], [12], [2, 2]]

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from funcmem.serve import app as app_module
+from funcmem.serve.app import IMAGE_BYTES_PER_PIXEL
 from funcmem.serve.engine import Job
 from funcmem.serve.lora_export import lora_archive
 
@@ -52,7 +53,7 @@ def test_a_full_server_answers_503_before_reading_or_decoding(client, service, n
     monkeypatch.setattr(service.admission, "requests", service.admission.max_requests)
     assert_error(post(client, image=png_bytes(32, 32)), 503, "server is busy")
     monkeypatch.setattr(service.admission, "requests", 0)
-    monkeypatch.setattr(service.admission, "max_image_bytes", 6 * 32 * 32 - 1)  # one 32x32 image does not fit
+    monkeypatch.setattr(service.admission, "max_image_bytes", IMAGE_BYTES_PER_PIXEL * 32 * 32 - 1)  # one 32x32 image does not fit
     assert_error(post(client, image=png_bytes(32, 32)), 503, "busy with large images")
     assert service.admission.requests == 0 and service.admission.image_bytes == 0  # places given back
 
@@ -67,7 +68,7 @@ def test_admission_counts_requests_and_image_bytes_until_the_response(client, se
 
     monkeypatch.setattr(service.batcher, "process", watch)
     assert post(client, image=png_bytes(70, 45, seed=31)).status_code == 200
-    assert seen == [(1, 6 * 70 * 45, [torch.uint8])]  # while computing: one request, its bytes; the image uint8
+    assert seen == [(1, IMAGE_BYTES_PER_PIXEL * 70 * 45, [torch.uint8])]  # while computing: one request, its bytes; the image uint8
     assert service.admission.requests == 0 and service.admission.image_bytes == 0
 
 

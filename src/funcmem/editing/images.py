@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-MAX_PIXELS = 40_000_000  # 40 MP: a 8000 x 5000 photo; 120 MB as uint8 RGB
+MAX_PIXELS = 40_000_000  # 40 MP: a 8000 x 5000 photo; 120 MB as uint8 RGB (the service allows less)
 MAX_ASPECT = 100.0  # longest side / shortest side
 FORMATS = ("PNG", "JPEG", "WEBP")  # decoded by default
 MAGIC = {  # PIL format -> how its files start (offset, bytes)
@@ -187,7 +187,8 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int, max_aspect: f
 def _upright(im: Image.Image, name: str) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block is ignored (with a warning)."""
     try:
-        return ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # not a copy when there is nothing to turn
+        return im
     except Exception as e:  # PIL raises many types on malformed EXIF
         warnings.warn(f"{name}: ignoring its unreadable EXIF orientation ({type(e).__name__}: {e})", stacklevel=4)
         return im
@@ -207,7 +208,18 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
-    array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"mode {im.mode} gave an array of shape {array.shape}")
-    return array.copy()
+    return _rgb_copy(im if im.mode == "RGB" else im.convert("RGB"))
+
+
+def _rgb_copy(im: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as a new (H, W, 3) uint8 array, copied a strip of rows at a time (a
+    whole-image ``np.asarray`` makes two more full copies on the way: bytes, then writable)."""
+    w, h = im.size
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, 2**22 // (3 * w))
+    for y in range(0, h, step):
+        strip = np.asarray(im.crop((0, y, w, min(h, y + step))))
+        if strip.shape != (min(h, y + step) - y, w, 3):
+            raise ValueError(f"mode {im.mode} gave an array of shape {strip.shape}")
+        out[y:y + step] = strip
+    return out

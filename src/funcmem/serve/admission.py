@@ -5,9 +5,9 @@ until its response is encoded. Two budgets, both checked before decoding, both a
 when full (the client retries; the server never queues more than it can hold):
 
 - ``max_requests`` requests in flight (reading the image, waiting for a batch, computing, encoding);
-- ``max_image_bytes`` of decoded images: a request reserves 6 bytes a pixel (its uint8 input and
-  output), read from the image header, so sixteen 16-megapixel uploads cannot all be decoded at
-  once while a stream of small ones still gets in.
+- ``max_image_bytes`` of decoded images: a request reserves bytes for its pixels (the service: 8
+  a pixel, for its uint8 input and output and its PNG answer), read from the image header, so
+  sixteen 12-megapixel uploads cannot all be decoded at once while small ones still get in.
 """
 
 from __future__ import annotations

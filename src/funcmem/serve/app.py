@@ -54,6 +54,7 @@ from .security import Guard
 STATIC = Path(__file__).parent / "static"
 MAX_SEED = 2**63 - 1
 PNG_LEVEL = 1  # zlib level of the returned PNG: see docs/serving.md for the measured cost
+IMAGE_BYTES_PER_PIXEL = 8  # reserved per pixel: the uint8 input and output (3 + 3), the PNG answer (~2)
 
 
 class Service:
@@ -73,7 +74,8 @@ class Service:
         self.metrics = Metrics()
         self.manifold = manifold if manifold is not None else fit_manifold(engine, self.config.manifold_crops)
         self.batcher = Batcher(self._process, self.config.max_batch, self.config.max_wait_ms / 1000,
-                               self.config.max_queue, self._observe)
+                               self.config.max_queue, self._observe, weight=lambda job: len(job.tiles),
+                               max_weight=self.config.max_batch_tiles)
 
     @classmethod
     def from_run(cls, run, config: ServeConfig | None = None) -> "Service":
@@ -130,7 +132,7 @@ class Service:
         name = upload.filename or "upload"
         pixels = self._check_header(data, name)
         try:
-            ticket.reserve(6 * pixels)  # uint8 input and output
+            ticket.reserve(IMAGE_BYTES_PER_PIXEL * pixels)
         except Full as e:
             raise ApiError(503, str(e)) from None
         key = self.engine.cache_key(data, instruction)

@@ -4,7 +4,9 @@
     result = await batcher.submit(item)   # from any asyncio event loop; QueueFull when full
 
 One worker thread takes the oldest waiting item, then keeps gathering for up to ``max_wait_s``
-(or until ``max_batch`` items) and calls ``process(items)`` once for all of them. The queue is
+(or until ``max_batch`` items, or until the next item would bring the batch's total ``weight``
+past ``max_weight``: the service weighs a request by its tiles) and calls ``process(items)`` once
+for all of them; an item that did not fit opens the next batch. The queue is
 bounded: ``submit`` raises ``QueueFull`` at once instead of letting it grow without end (the
 service answers 503). An item whose caller stopped waiting (a timeout) before its batch started
 is dropped, not computed.
@@ -55,15 +57,20 @@ class Batcher:
         max_wait_s: how long the first item of a batch waits for company.
         max_queue: most items waiting; ``submit`` raises ``QueueFull`` beyond.
         on_batch: optional ``on_batch(items, results)`` after each call (metrics).
+        weight: ``weight(item)``, what an item costs (default 1 each).
+        max_weight: the most a batch may weigh (an item heavier on its own is batched alone).
     """
 
     def __init__(self, process: Callable[[list], list], max_batch: int = 16, max_wait_s: float = 0.005,
-                 max_queue: int = 64, on_batch: Callable[[list, list], None] | None = None):
+                 max_queue: int = 64, on_batch: Callable[[list, list], None] | None = None,
+                 weight: Callable[[Any], float] = lambda item: 1, max_weight: float = float("inf")):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"need max_batch >= 1, max_queue >= 1, max_wait_s >= 0; got {max_batch}, "
                              f"{max_queue}, {max_wait_s}")
         self.process, self.on_batch = process, on_batch
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.weight, self.max_weight = weight, max_weight
+        self._carry: _Entry | None = None  # gathered but over the weight: the next batch's first
         self._queue: queue.Queue[_Entry | None] = queue.Queue(max_queue)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -93,7 +100,7 @@ class Batcher:
         return entry.future
 
     def _gather(self, first: _Entry) -> list[_Entry]:
-        batch = [first]
+        batch, total = [first], self.weight(first.item)
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
@@ -104,12 +111,16 @@ class Batcher:
             if entry is None:  # stop: finish this batch first
                 self._queue.put(None)
                 break
+            total += self.weight(entry.item)
+            if total > self.max_weight:
+                self._carry = entry
+                break
             batch.append(entry)
         return batch
 
     def _work(self) -> None:
         while True:
-            first = self._queue.get()
+            first, self._carry = self._carry or self._queue.get(), None
             if first is None:
                 return
             batch = [e for e in self._gather(first) if not e.future.done()]

@@ -39,7 +39,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(max_batch=1 if args.no_batching else args.max_batch, max_wait_ms=args.max_wait_ms,
                        max_queue=args.max_queue, chunk=args.chunk, cache_mb=args.cache_mb,
                        max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                       max_tiles=args.max_tiles, image_memory_mb=args.image_memory_mb, timeout_s=args.timeout,
+                       max_tiles=args.max_tiles, max_batch_tiles=args.max_batch_tiles,
+                       image_memory_mb=args.image_memory_mb, timeout_s=args.timeout,
                        api_key=key, bind_host=args.host, allowed_hosts=tuple(args.allowed_host), docs=args.docs,
                        read_timeout_s=args.read_timeout, max_connections=args.max_connections)
 
@@ -77,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=d.max_pixels)
     parser.add_argument("--max-tiles", type=int, default=d.max_tiles,
                         help="most tiles an image is cut into (larger images are edited at a coarser scale)")
+    parser.add_argument("--max-batch-tiles", type=int, default=d.max_batch_tiles, help="most tiles in one batch")
     parser.add_argument("--image-memory-mb", type=float, default=d.image_memory_mb,
-                        help="MiB of decoded images held at once (6 bytes a pixel); beyond, 503")
+                        help="MiB of decoded images held at once (8 bytes a pixel); beyond, 503")
     parser.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds before a request gets 504")
     parser.add_argument("--read-timeout", type=float, default=d.read_timeout_s,
                         help="seconds a connection has to send a whole request")

@@ -25,8 +25,9 @@ class ServeConfig:
         max_pixels: largest image (width x height), checked from its header; beyond, 413.
         max_tiles: most tiles per image (``editing.apply.tile_grid``): a larger image is edited at a
             coarser scale, one too elongated to fit is refused (413).
-        image_memory_mb: MiB of decoded images (input and output, 6 bytes a pixel) held by admitted
-            requests; a request that would pass it gets 503 before its upload is decoded.
+        max_batch_tiles: most tiles in one batch (a batch stops gathering before passing it).
+        image_memory_mb: MiB of decoded images (input, output and PNG answer: 8 bytes a pixel) held by
+            admitted requests; a request that would pass it gets 503 before its upload is decoded.
         image_workers: uploads decoded / PNGs encoded at once.
         max_instruction_chars: longest instruction; beyond, 422.
         timeout_s: a request not answered by then gets 504, and its remaining work is dropped.
@@ -48,9 +49,10 @@ class ServeConfig:
     chunk: int = 16
     cache_mb: float = 128.0
     max_upload_bytes: int = 10 * 2**20
-    max_pixels: int = 16_000_000
+    max_pixels: int = 12_500_000
     max_tiles: int = 64
-    image_memory_mb: float = 512.0
+    max_batch_tiles: int = 256
+    image_memory_mb: float = 384.0
     image_workers: int = 2
     max_instruction_chars: int = 200
     timeout_s: float = 30.0
@@ -66,14 +68,16 @@ class ServeConfig:
 
     def __post_init__(self):
         positive = {k: getattr(self, k) for k in ("max_batch", "max_queue", "chunk", "max_upload_bytes", "max_pixels",
-                                                  "max_tiles", "image_workers", "max_instruction_chars", "timeout_s",
+                                                  "max_tiles", "max_batch_tiles", "image_workers", "max_instruction_chars", "timeout_s",
                                                   "read_timeout_s", "max_connections", "keep_alive_s")}
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad or self.cache_mb < 0 or self.max_wait_ms < 0:
             raise ValueError(f"these settings must be positive: {bad or {'cache_mb': self.cache_mb}}")
-        if self.image_memory_mb * 2**20 < 6 * self.max_pixels:
+        if self.image_memory_mb * 2**20 < 8 * self.max_pixels:
             raise ValueError(f"image_memory_mb={self.image_memory_mb:g} cannot hold one image of max_pixels="
-                             f"{self.max_pixels:,} (6 bytes a pixel: {6 * self.max_pixels / 2**20:.0f} MiB)")
+                             f"{self.max_pixels:,} (8 bytes a pixel: {8 * self.max_pixels / 2**20:.0f} MiB)")
+        if self.max_batch_tiles < self.max_tiles:
+            raise ValueError(f"max_batch_tiles={self.max_batch_tiles} must hold one image of max_tiles={self.max_tiles}")
 
 
 class ApiError(Exception):
