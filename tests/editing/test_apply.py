@@ -114,7 +114,9 @@ def test_edit_runs_the_model_in_chunks_so_memory_is_flat_in_image_size():
 def test_edit_command_refuses_its_input_as_output_and_an_elongated_image(tmp_path, monkeypatch):
     photo = tmp_path / "wide.png"
     Image.new("RGB", (4000, 40), (90, 120, 200)).save(photo)  # a 100:1 strip, a few kB of PNG
-    monkeypatch.setattr(apply, "load_run", lambda run: fake_run(size=8))
+    loaded = []
+    monkeypatch.setattr(apply, "load_run", lambda run: loaded.append(run) or fake_run(size=8))
+    monkeypatch.setattr(apply, "tile_size", lambda run: 8)
     args = Namespace(run="r", image=str(photo), instruction="brighter", output=str(photo), method="functional_memory",
                      max_tiles=64, chunk=16)
     with pytest.raises(ValueError, match="is the input image"):
@@ -122,6 +124,7 @@ def test_edit_command_refuses_its_input_as_output_and_an_elongated_image(tmp_pat
     args.output = str(tmp_path / "out.png")
     with pytest.raises(TooManyTiles, match="the limit is 64 tiles"):
         apply.run_cli(args)
+    assert loaded == []  # refused from the header, before the run was loaded (or the image decoded)
     args.max_tiles = 100
     assert apply.run_cli(args) == 0
     out = np.asarray(Image.open(args.output))

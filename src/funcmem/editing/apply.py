@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .images import read_rgb, read_rgb8
-from .rundir import Run, load_run
+from ..io import read_json
+from .images import FORMATS, probe, read_bytes, read_rgb, read_rgb8
+from .rundir import CONFIG_NAME, Run, check_run, load_run
 from .text import clean_instruction
 
 MAX_TILES = 64  # tiles per image: see docs/serving.md for the measured cost behind it
@@ -171,6 +172,11 @@ def edit_image(run: Run, image: Tensor, instruction: str, method: str = "functio
     return edit_array(run, image.permute(1, 2, 0), instruction, method, max_tiles, chunk).permute(2, 0, 1)
 
 
+def tile_size(run: str | Path) -> int:
+    """A run directory's tile side, from its config.json alone (nothing loaded)."""
+    return read_json(check_run(run) / CONFIG_NAME)["size"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``funcmem edit``'s options."""
     parser.add_argument("--run", required=True, help="a run directory (`funcmem demo` output)")
@@ -188,6 +194,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tiles and --chunk must be at least 1, got {args.max_tiles} and {args.chunk}")
     if Path(args.output).resolve() == Path(args.image).resolve():
         raise ValueError(f"-o {args.output} is the input image; write the edit to another file")
+    _, width, height = probe(read_bytes(args.image), args.image, FORMATS)
+    tile_grid(height, width, tile_size(args.run), args.max_tiles)  # refused before decoding or loading anything
     image = read_rgb8(args.image)
     out = edit_array(load_run(args.run), image, args.instruction, args.method, args.max_tiles, args.chunk)
     write_image(out.numpy(), args.output)

@@ -77,16 +77,17 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, max_aspect: float =
         FileNotFoundError: no file at ``path``.
         ImageError: the file cannot be decoded, or its size or format is refused.
     """
-    return _float(decode_rgb8(_read_bytes(path), str(path), max_pixels, max_aspect, formats))
+    return _float(decode_rgb8(read_bytes(path), str(path), max_pixels, max_aspect, formats))
 
 
 def read_rgb8(path: str | Path, max_pixels: int = MAX_PIXELS, max_aspect: float = MAX_ASPECT,
               formats: tuple[str, ...] = FORMATS) -> np.ndarray:
     """``read_rgb`` as (H, W, 3) uint8."""
-    return decode_rgb8(_read_bytes(path), str(path), max_pixels, max_aspect, formats)
+    return decode_rgb8(read_bytes(path), str(path), max_pixels, max_aspect, formats)
 
 
-def _read_bytes(path: str | Path) -> bytes:
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes; FileNotFoundError when there is none, ``ImageError`` when it cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")

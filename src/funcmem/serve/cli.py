@@ -27,6 +27,7 @@ def make_server(service: Service, host: str, port: int, log_level: str = "warnin
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
                             http=guarded_protocol(cfg.read_timeout_s, cfg.max_connections),
                             timeout_keep_alive=cfg.keep_alive_s, limit_concurrency=cfg.max_connections + 1,
+                            backlog=cfg.max_connections,  # also how many asyncio accepts at once, before any close
                             h11_max_incomplete_event_size=H11_MAX_HEADER_BYTES, server_header=False,
                             access_log=log_level in ("debug", "info", "trace"))
     limit_logs()  # after uvicorn.Config configured the loggers
