@@ -134,3 +134,13 @@ def test_rate_limited_logs_pass_a_burst_then_count_the_rest():
 def test_the_server_limits_uvicorn_logs(strict_server):
     names = {f.__class__.__name__ for name in ("uvicorn.error", "uvicorn.access") for f in logging.getLogger(name).filters}
     assert names == {"RateLimit"}
+
+
+def test_headers_beyond_the_buffer_limit_are_refused(strict_server):
+    """h11 buffers at most 16 KiB of an incomplete request head: a client cannot park more there."""
+    port = strict_server
+    s = connect(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000)
+    s.settimeout(5)
+    answer = s.recv(1024)
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer

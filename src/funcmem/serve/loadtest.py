@@ -7,12 +7,15 @@ same photo with one pixel changed (its number written into it), so no two reques
 cache key unless ``repeat`` is set: the figures measure generation and editing, not the cache.
 Instructions cycle through one per edit.
 
-With ``attack``, the same normal traffic runs twice: alone, then beside attackers that send
-wide images (a 100:1 PNG of a few hundred bytes), big images (16 megapixels of one colour) and
-hold slow connections (a header byte a second). Reported for each phase: throughput, latency
-percentiles, errors, the mean batch size (from ``/metrics``, the change over the phase) and the
-server's resident memory (``process_resident_memory_bytes``, sampled twice a second), and for
-the attack phase what the attackers got.
+A few warm-up requests go first (not counted). With ``attack``, the same normal traffic then runs
+three times: alone, beside attackers, and alone again (recovery). The attackers (``attackers`` of
+each kind) send the largest inputs the default limits accept, as small files: wide images
+(20000x400, side ratio 50: the tile limit's worst case) and big images (12 megapixels of one
+colour: the pixel limit's worst case), and hold ``slow`` slow connections (a header byte a
+second). Reported for each phase: throughput, latency percentiles, errors, the mean batch size
+(from ``/metrics``, the change over the phase) and the server's resident memory
+(``process_resident_memory_bytes``, sampled twice a second), and for the attack phase what the
+attackers got.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .metrics import parse
 MAX_REQUESTS = 10_000
 MAX_CONCURRENCY = 256
 MAX_SLOW = 256
+MAX_ATTACKERS = 8
 
 
 def check_loopback(url: str) -> str:
@@ -153,7 +157,7 @@ async def _attack_images(client, url: str, kind: str, stop: asyncio.Event, outco
     i = 0
     while not stop.is_set():
         i += 1
-        image = _flat(20_000, 200, i) if kind == "wide" else _flat(4000, 4000, i)
+        image = _flat(20_000, 400, i) if kind == "wide" else _flat(4000, 3000, i)
         try:
             r = await client.post(f"{url}/v1/edit", files={"image": ("a.png", image, "image/png")},
                                   data={"instruction": "make it brighter"})
@@ -197,7 +201,8 @@ async def _phase(client, url, images, args, attack: bool) -> dict:
     outcomes = {"wide": {}, "big": {}, "slow": {"closed_by_server": 0, "refused": 0}}
     attackers = []
     if attack:
-        attackers = [asyncio.create_task(_attack_images(client, url, kind, stop, outcomes)) for kind in ("wide", "big")]
+        attackers = [asyncio.create_task(_attack_images(client, url, kind, stop, outcomes))
+                     for kind in ("wide", "big") for _ in range(args["attackers"])]
         attackers.append(asyncio.create_task(_slow_connections(url, args["slow"], stop, outcomes)))
     result = await _normal(client, url, images, args["concurrency"], args["requests"], args["duration_s"],
                            args["repeat"])
@@ -218,11 +223,14 @@ async def _run(url: str, args: dict) -> dict:
 
     images = _images(args["requests"], args["size"], args["repeat"])
     headers = {"Authorization": f"Bearer {args['api_key']}"} if args["api_key"] else {}
-    limits = httpx.Limits(max_connections=args["concurrency"] + 8)
+    limits = httpx.Limits(max_connections=args["concurrency"] + 2 * args["attackers"] + 4)
     async with httpx.AsyncClient(timeout=args["timeout_s"], headers=headers, limits=limits) as client:
+        warm = _images(min(args["concurrency"], 8), args["size"], False, seed=1)
+        await _normal(client, url, warm, args["concurrency"], len(warm), args["duration_s"], False)
         phases = {"normal": await _phase(client, url, images, args, attack=False)}
         if args["attack"]:
             phases["attack"] = await _phase(client, url, images, args, attack=True)
+            phases["after"] = await _phase(client, url, images, args, attack=False)
     first = phases["normal"]
     return {"url": url, "concurrency": args["concurrency"], "image_size": list(args["size"]), "repeat": args["repeat"],
             **{k: first[k] for k in first if k != "attack"}, "phases": phases}
@@ -230,7 +238,7 @@ async def _run(url: str, args: dict) -> dict:
 
 def run_loadtest(url: str, concurrency: int = 32, requests: int = 500, duration_s: float = 300.0,
                  size: tuple[int, int] = (64, 64), repeat: bool = False, timeout_s: float = 60.0,
-                 api_key: str | None = None, attack: bool = False, slow: int = 64) -> dict:
+                 api_key: str | None = None, attack: bool = False, slow: int = 64, attackers: int = 2) -> dict:
     """Run the load test (see the module doc) and return its figures (the normal phase's at the
     top level; every phase under ``"phases"``)."""
     url = check_loopback(url)
@@ -238,15 +246,16 @@ def run_loadtest(url: str, concurrency: int = 32, requests: int = 500, duration_
         raise ValueError(f"requests must lie in [1, {MAX_REQUESTS}], got {requests}")
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency must lie in [1, {MAX_CONCURRENCY}], got {concurrency}")
-    if not 0 <= slow <= MAX_SLOW:
-        raise ValueError(f"slow connections must lie in [0, {MAX_SLOW}], got {slow}")
+    if not 0 <= slow <= MAX_SLOW or not 0 <= attackers <= MAX_ATTACKERS:
+        raise ValueError(f"slow connections must lie in [0, {MAX_SLOW}] and attackers in [0, {MAX_ATTACKERS}], "
+                         f"got {slow} and {attackers}")
     args = dict(concurrency=concurrency, requests=requests, duration_s=duration_s, size=size, repeat=repeat,
-                timeout_s=timeout_s, api_key=api_key, attack=attack, slow=slow)
+                timeout_s=timeout_s, api_key=api_key, attack=attack, slow=slow, attackers=attackers)
     return asyncio.run(_run(url, args))
 
 
 def format_report(r: dict) -> str:
-    """The figures as a table, one column a phase, and the attack phase's ratios to the normal one."""
+    """The figures as a table, one column a phase, and the attack phase's ratios to the normal ones."""
     phases = r["phases"]
     rows = [("ok / sent", lambda p: f"{p['ok']}/{p['sent']}"), ("throughput req/s", lambda p: f"{p['throughput_rps']:.2f}"),
             ("latency p50 ms", lambda p: f"{p['latency_ms'].get('p50', float('nan')):.0f}"),
@@ -258,9 +267,11 @@ def format_report(r: dict) -> str:
              f"{'':22}" + "".join(f"{name:>24}" for name in phases)]
     lines += [f"{label:22}" + "".join(f"{fn(p):>24}" for p in phases.values()) for label, fn in rows]
     if "attack" in phases:
-        a, n = phases["attack"], phases["normal"]
-        ratio = a["throughput_rps"] / n["throughput_rps"] if n["throughput_rps"] else float("nan")
-        lines.append(f"attack / normal: throughput x{ratio:.2f}, RSS peak {a['rss_peak_mb'] - n['rss_peak_mb']:+.0f} MiB")
+        a = phases["attack"]
+        alone = (phases["normal"]["throughput_rps"] + phases["after"]["throughput_rps"]) / 2
+        ratio = a["throughput_rps"] / alone if alone else float("nan")
+        extra = a["rss_peak_mb"] - max(phases["normal"]["rss_peak_mb"], phases["after"]["rss_peak_mb"])
+        lines.append(f"attack / alone (mean of before and after): throughput x{ratio:.2f}, RSS peak {extra:+.0f} MiB")
         lines.append(f"attackers got: wide {a['attack']['wide']}, big {a['attack']['big']}, slow connections "
                      f"{a['attack']['slow']}")
     return "\n".join(lines)
@@ -278,13 +289,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attack", action="store_true", help="run the traffic again beside wide images, big "
                         "images and slow connections")
     parser.add_argument("--slow", type=int, default=64, help="slow connections held during the attack phase")
+    parser.add_argument("--attackers", type=int, default=2, help="senders of each kind of bad image")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
         result = run_loadtest(args.url, args.concurrency, args.requests, args.duration, (args.size, args.size),
-                              args.repeat, args.timeout, os.environ.get("FUNCMEM_API_KEY"), args.attack, args.slow)
+                              args.repeat, args.timeout, os.environ.get("FUNCMEM_API_KEY"), args.attack, args.slow,
+                              args.attackers)
     except ValueError as e:
         print(f"error: {e}")
         return 2
