@@ -50,9 +50,10 @@ def test_metrics_report_batches_larger_than_one(client):
     assert m["funcmem_batch_size_count"] > m['funcmem_batch_size_bucket{le="1"}']  # some batch held > 1 request
 
 
-def test_a_batch_stops_gathering_before_its_tile_budget():
-    """Items weigh their tiles; a batch never passes ``max_weight`` (one heavier item goes alone),
-    and the item that did not fit opens the next batch, in order."""
+def test_a_batch_keeps_to_its_tile_budget_and_lighter_items_fill_the_room():
+    """Items weigh their tiles; a batch never passes ``max_weight`` (one heavier item goes alone);
+    an item that does not fit waits for the next batch, which it opens, and later lighter items
+    fill the room meanwhile."""
     from funcmem.serve.batching import Batcher
 
     batches = []
@@ -66,4 +67,4 @@ def test_a_batch_stops_gathering_before_its_tile_budget():
         assert asyncio.run(main()) == [4, 5, 3, 12, 2, 2]
     finally:
         batcher.stop()
-    assert batches == [[4, 5], [3], [12], [2, 2]]
+    assert batches == [[4, 5], [3, 2, 2], [12]]

@@ -55,6 +55,7 @@ STATIC = Path(__file__).parent / "static"
 MAX_SEED = 2**63 - 1
 PNG_LEVEL = 1  # zlib level of the returned PNG: see docs/serving.md for the measured cost
 IMAGE_BYTES_PER_PIXEL = 8  # reserved per pixel: the uint8 input and output (3 + 3), the PNG answer (~2)
+LARGE_PIXELS = 1_000_000  # from here an image's pixel work goes to the one large-image thread
 
 
 class Service:
@@ -71,6 +72,7 @@ class Service:
         self.cache = LoRACache(int(self.config.cache_mb * 2**20))
         self.admission = Admission(self.config.max_queue, int(self.config.image_memory_mb * 2**20))
         self.pool = ThreadPoolExecutor(self.config.image_workers, thread_name_prefix="funcmem-image")
+        self.large_pool = ThreadPoolExecutor(1, thread_name_prefix="funcmem-large-image")
         self.metrics = Metrics()
         self.manifold = manifold if manifold is not None else fit_manifold(engine, self.config.manifold_crops)
         self.batcher = Batcher(self._process, self.config.max_batch, self.config.max_wait_ms / 1000,
@@ -89,9 +91,11 @@ class Service:
     def _observe(self, jobs: list[Job], _) -> None:
         self.metrics.batch(len(jobs), sum(len(j.tiles) for j in jobs), sum(j.cache_hit for j in jobs))
 
-    async def in_pool(self, fn, *args):
-        """``fn(*args)`` on the image pool (``image_workers`` threads): decoding and encoding."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def in_pool(self, pixels: int, fn, *args):
+        """``fn(*args)`` off the event loop: decoding, blending, encoding. Images of ``LARGE_PIXELS``
+        or more share one thread, so large uploads take at most one core from the model."""
+        pool = self.large_pool if pixels >= LARGE_PIXELS else self.pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def admit(self) -> Ticket:
         try:
@@ -136,8 +140,8 @@ class Service:
         except Full as e:
             raise ApiError(503, str(e)) from None
         key = self.engine.cache_key(data, instruction)
-        job = await self.in_pool(self._decode_and_prepare, data, name, instruction, strength, key, want_output,
-                                 ticket.start + cfg.timeout_s)
+        job = await self.in_pool(pixels, self._decode_and_prepare, data, name, instruction, strength, key,
+                                 want_output, ticket.start + cfg.timeout_s)
         job.extra["seed"] = seed
         return job
 
@@ -205,10 +209,10 @@ def _number(raw, name: str, kind, default, low, high):
     return value
 
 
-def _png(image: torch.Tensor) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes."""
+def _answer(job: Job) -> bytes:
+    """A computed job's edited image (``EditEngine.finish``) as PNG bytes."""
     buffer = io.BytesIO()
-    Image.fromarray(image.numpy()).save(buffer, format="PNG", compress_level=PNG_LEVEL)
+    Image.fromarray(EditEngine.finish(job).numpy()).save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 
@@ -255,7 +259,7 @@ def _add_edit_routes(app: FastAPI, service: Service) -> None:
         try:
             with service.admit() as ticket:
                 job = await service.compute(await service.parse(form, ticket, want_output=True))
-                png = await service.in_pool(_png, job.output)
+                png = await service.in_pool(job.image.numel() // 3, _answer, job)
         finally:
             await form.close()
         x, y = service.manifold.project(job.lora)
@@ -269,7 +273,7 @@ def _add_edit_routes(app: FastAPI, service: Service) -> None:
         try:
             with service.admit() as ticket:
                 job = await service.compute(await service.parse(form, ticket, want_output=False))
-                data = await service.in_pool(lora_archive, service.engine.memory.fm, job.lora, job.grid[:2],
+                data = await service.in_pool(0, lora_archive, service.engine.memory.fm, job.lora, job.grid[:2],
                                              service.engine.size, job.instruction, job.deadline)
         except TimeoutError:
             raise ApiError(504, f"the archive was not ready within {service.config.timeout_s:g} s") from None

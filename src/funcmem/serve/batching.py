@@ -4,9 +4,12 @@
     result = await batcher.submit(item)   # from any asyncio event loop; QueueFull when full
 
 One worker thread takes the oldest waiting item, then keeps gathering for up to ``max_wait_s``
-(or until ``max_batch`` items, or until the next item would bring the batch's total ``weight``
-past ``max_weight``: the service weighs a request by its tiles) and calls ``process(items)`` once
-for all of them; an item that did not fit opens the next batch. The queue is
+(or until ``max_batch`` items) and calls ``process(items)`` once for all of them. Items have a
+``weight`` (the service: a request's tiles) and a batch weighs at most ``max_weight``: an item
+that does not fit is set aside and later, lighter ones fill the room (backfilling); set-aside
+items go first in the next batch, oldest first, so none waits behind more than the batches that
+were already gathered when it arrived. Large requests cannot make a small one wait for all of
+them at once. The queue is
 bounded: ``submit`` raises ``QueueFull`` at once instead of letting it grow without end (the
 service answers 503). An item whose caller stopped waiting (a timeout) before its batch started
 is dropped, not computed.
@@ -70,7 +73,7 @@ class Batcher:
         self.process, self.on_batch = process, on_batch
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.weight, self.max_weight = weight, max_weight
-        self._carry: _Entry | None = None  # gathered but over the weight: the next batch's first
+        self._held: list[_Entry] = []  # set aside (did not fit), oldest first: the next batch's first
         self._queue: queue.Queue[_Entry | None] = queue.Queue(max_queue)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -89,7 +92,7 @@ class Batcher:
             thread.join(timeout)
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._held)
 
     def submit(self, item: Any) -> asyncio.Future:
         """Queue ``item``; await the returned future for its result. Raises ``QueueFull``."""
@@ -100,9 +103,20 @@ class Batcher:
         return entry.future
 
     def _gather(self, first: _Entry) -> list[_Entry]:
-        batch, total = [first], self.weight(first.item)
+        batch, total, skipped = [first], self.weight(first.item), []
+
+        def offer(entry: _Entry) -> None:
+            nonlocal total
+            if total + self.weight(entry.item) > self.max_weight:
+                skipped.append(entry)
+            else:
+                batch.append(entry)
+                total += self.weight(entry.item)
+
+        while self._held and len(batch) < self.max_batch:
+            offer(self._held.pop(0))
         deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
+        while len(batch) < self.max_batch and total < self.max_weight:
             left = deadline - time.monotonic()
             try:
                 entry = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
@@ -111,16 +125,13 @@ class Batcher:
             if entry is None:  # stop: finish this batch first
                 self._queue.put(None)
                 break
-            total += self.weight(entry.item)
-            if total > self.max_weight:
-                self._carry = entry
-                break
-            batch.append(entry)
+            offer(entry)
+        self._held[:0] = skipped
         return batch
 
     def _work(self) -> None:
         while True:
-            first, self._carry = self._carry or self._queue.get(), None
+            first = self._held.pop(0) if self._held else self._queue.get()
             if first is None:
                 return
             batch = [e for e in self._gather(first) if not e.future.done()]

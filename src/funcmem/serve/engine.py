@@ -2,7 +2,9 @@
 
     engine = EditEngine(run_dir)
     engine.prepare(image, instruction)   -> Job          tiles at the training scale (cheap, any thread)
-    engine.run([job, ...])               -> fills each job's ``lora`` and ``output``  (one thread)
+    engine.run([job, ...])               -> fills each job's ``lora`` and ``edited`` tiles  (one thread)
+    engine.finish(job)                   -> the full-size edited image (any thread: pixel work stays
+                                            off the model thread)
 
 A batch of requests is one list of tiles (each request contributes its image's tiles). Tiles whose
 request has no cached LoRA go through condition encoders -> projector -> generator together; then
@@ -55,9 +57,9 @@ class Job:
         deadline: ``time.monotonic()`` after which nobody waits for it: its remaining work is
             dropped at the next chunk boundary.
 
-    Filled by ``EditEngine.run``: ``lora`` (n factor rows, unscaled by strength), ``output``
-    (H, W, 3) uint8, ``cache_hit``, ``batch_size`` (requests in its batch). A job that expired
-    on the way gets neither ``lora`` nor ``output``.
+    Filled by ``EditEngine.run``: ``lora`` (n factor rows, unscaled by strength), ``edited``
+    (n, 3, S, S) tiles, ``cache_hit``, ``batch_size`` (requests in its batch). A job that expired
+    on the way gets neither ``lora`` nor ``edited``. ``EditEngine.finish`` makes the output image.
     """
 
     image: Tensor
@@ -69,7 +71,7 @@ class Job:
     want_output: bool = True
     deadline: float = math.inf
     lora: LoRA | None = None
-    output: Tensor | None = None
+    edited: Tensor | None = None
     cache_hit: bool = False
     batch_size: int = 0
     extra: dict = field(default_factory=dict)
@@ -198,7 +200,7 @@ class EditEngine:
 
     @torch.inference_mode()
     def run(self, jobs: list[Job], cache=None) -> None:
-        """Fill every live job's ``lora`` (from ``cache`` when it holds the key) and ``output``."""
+        """Fill every live job's ``lora`` (from ``cache`` when it holds the key) and ``edited``."""
         for job in jobs:
             job.batch_size = len(jobs)
             cached = cache.get(job.key) if cache is not None and job.key is not None else None
@@ -219,7 +221,12 @@ class EditEngine:
             LoRA.cat([_scaled(job.lora[slice(s, e)], job.strength) for job, s, e in part])))
         for job, rows in pieces.items():
             if not job.expired():
-                job.output = from_tiles(torch.cat(rows), job.tiles, job.grid, job.image)
+                job.edited = torch.cat(rows)
+
+    @staticmethod
+    def finish(job: Job) -> Tensor:
+        """A computed job's output: its tiles' edit added to the full-size image, (H, W, 3) uint8."""
+        return from_tiles(job.edited, job.tiles, job.grid, job.image)
 
 
 def _collect(plan, compute) -> dict:

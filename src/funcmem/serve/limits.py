@@ -28,7 +28,8 @@ class ServeConfig:
         max_batch_tiles: most tiles in one batch (a batch stops gathering before passing it).
         image_memory_mb: MiB of decoded images (input, output and PNG answer: 8 bytes a pixel) held by
             admitted requests; a request that would pass it gets 503 before its upload is decoded.
-        image_workers: uploads decoded / PNGs encoded at once.
+        image_workers: small uploads decoded / answers encoded at once (images of a megapixel or more
+            share one more thread).
         max_instruction_chars: longest instruction; beyond, 422.
         timeout_s: a request not answered by then gets 504, and its remaining work is dropped.
         max_strength: ``strength`` must lie in [0, max_strength].
@@ -51,7 +52,7 @@ class ServeConfig:
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 12_500_000
     max_tiles: int = 64
-    max_batch_tiles: int = 256
+    max_batch_tiles: int = 64
     image_memory_mb: float = 384.0
     image_workers: int = 2
     max_instruction_chars: int = 200
