@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import io
 import ipaddress
+import itertools
 import os
 import statistics
 import time
@@ -40,6 +41,7 @@ MAX_REQUESTS = 10_000
 MAX_CONCURRENCY = 256
 MAX_SLOW = 256
 MAX_ATTACKERS = 8
+_SENT = itertools.count()  # numbers the attack images (pixel (0, 0) differs: each one is new)
 
 
 def check_loopback(url: str) -> str:
@@ -153,10 +155,10 @@ async def _normal(client, url: str, images: list[bytes], concurrency: int, reque
 
 
 async def _attack_images(client, url: str, kind: str, stop: asyncio.Event, outcomes: dict) -> None:
-    """Send one kind of bad image again and again until ``stop``; count the status codes."""
-    i = 0
+    """Send one kind of bad image again and again until ``stop`` (each one new: no cache hits); count
+    the status codes."""
     while not stop.is_set():
-        i += 1
+        i = next(_SENT)
         image = _flat(20_000, 400, i) if kind == "wide" else _flat(4000, 3000, i)
         try:
             r = await client.post(f"{url}/v1/edit", files={"image": ("a.png", image, "image/png")},
@@ -221,16 +223,15 @@ async def _phase(client, url, images, args, attack: bool) -> dict:
 async def _run(url: str, args: dict) -> dict:
     import httpx
 
-    images = _images(args["requests"], args["size"], args["repeat"])
     headers = {"Authorization": f"Bearer {args['api_key']}"} if args["api_key"] else {}
     limits = httpx.Limits(max_connections=args["concurrency"] + 2 * args["attackers"] + 4)
     async with httpx.AsyncClient(timeout=args["timeout_s"], headers=headers, limits=limits) as client:
         warm = _images(min(args["concurrency"], 8), args["size"], False, seed=1)
         await _normal(client, url, warm, args["concurrency"], len(warm), args["duration_s"], False)
-        phases = {"normal": await _phase(client, url, images, args, attack=False)}
-        if args["attack"]:
-            phases["attack"] = await _phase(client, url, images, args, attack=True)
-            phases["after"] = await _phase(client, url, images, args, attack=False)
+        phases = {}
+        for seed, name in enumerate(["normal", "attack", "after"] if args["attack"] else ["normal"], start=2):
+            images = _images(args["requests"], args["size"], args["repeat"], seed)  # no cache hits across phases
+            phases[name] = await _phase(client, url, images, args, attack=name == "attack")
     first = phases["normal"]
     return {"url": url, "concurrency": args["concurrency"], "image_size": list(args["size"]), "repeat": args["repeat"],
             **{k: first[k] for k in first if k != "attack"}, "phases": phases}
