@@ -1,6 +1,6 @@
 """The image-editing application on top of the core (``pip install -e ".[editing]"``).
 
-    images.py      decoding image files safely (one error type)
+    images.py      decoding image files safely (PNG, JPEG, WebP; sizes checked first; one error type)
     text.py        cleaning instructions
     ops.py         the edit operators with exact targets
     data.py        photos from installed wheels or a folder, crops, examples
@@ -10,7 +10,7 @@
     methods.py     the compared methods, each with ``predict(batch)``
     metrics.py     PSNR / SSIM
     rundir.py      the run directory every command saves and loads
-    apply.py       ``funcmem edit``: one image of any size
+    apply.py       ``funcmem edit``: one image of any size, in bounded work (tile limit, chunks, strips)
     benchmark/     ``funcmem demo`` / ``funcmem eval``: every method, analyses, report
     continual/     ``funcmem continual``: edits taught in stages, forgetting, removal
 """
