@@ -68,7 +68,8 @@ def test_admission_counts_requests_and_image_bytes_until_the_response(client, se
 
     monkeypatch.setattr(service.batcher, "process", watch)
     assert post(client, image=png_bytes(70, 45, seed=31)).status_code == 200
-    assert seen == [(1, IMAGE_BYTES_PER_PIXEL * 70 * 45, [torch.uint8])]  # while computing: one request, its bytes; the image uint8
+    # while computing: one request, its image's bytes reserved, the image itself uint8
+    assert seen == [(1, IMAGE_BYTES_PER_PIXEL * 70 * 45, [torch.uint8])]
     assert service.admission.requests == 0 and service.admission.image_bytes == 0
 
 

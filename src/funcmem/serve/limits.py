@@ -68,9 +68,10 @@ class ServeConfig:
     keep_alive_s: float = 5.0
 
     def __post_init__(self):
-        positive = {k: getattr(self, k) for k in ("max_batch", "max_queue", "chunk", "max_upload_bytes", "max_pixels",
-                                                  "max_tiles", "max_batch_tiles", "image_workers", "max_instruction_chars", "timeout_s",
-                                                  "read_timeout_s", "max_connections", "keep_alive_s")}
+        names = ("max_batch", "max_queue", "chunk", "max_upload_bytes", "max_pixels", "max_tiles", "max_batch_tiles",
+                 "image_workers", "max_instruction_chars", "timeout_s", "read_timeout_s", "max_connections",
+                 "keep_alive_s")
+        positive = {k: getattr(self, k) for k in names}
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad or self.cache_mb < 0 or self.max_wait_ms < 0:
             raise ValueError(f"these settings must be positive: {bad or {'cache_mb': self.cache_mb}}")

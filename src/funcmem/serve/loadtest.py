@@ -263,7 +263,8 @@ def format_report(r: dict) -> str:
             ("latency p95 ms", lambda p: f"{p['latency_ms'].get('p95', float('nan')):.0f}"),
             ("errors", lambda p: f"{p['errors']} {p['error_kinds'] or ''}".rstrip()),
             ("mean batch size", lambda p: f"{p['mean_batch_size']:.2f}"),
-            ("server RSS peak MiB", lambda p: f"{p['rss_peak_mb']:.0f}"), ("server RSS end MiB", lambda p: f"{p['rss_end_mb']:.0f}")]
+            ("server RSS peak MiB", lambda p: f"{p['rss_peak_mb']:.0f}"),
+            ("server RSS end MiB", lambda p: f"{p['rss_end_mb']:.0f}")]
     lines = [f"{r['concurrency']} concurrent normal requests of {r['image_size'][0]}x{r['image_size'][1]}",
              f"{'':22}" + "".join(f"{name:>24}" for name in phases)]
     lines += [f"{label:22}" + "".join(f"{fn(p):>24}" for p in phases.values()) for label, fn in rows]
