@@ -42,6 +42,7 @@ def test_loadtest_against_a_live_server(live_server):
     assert 100 < r["rss_peak_mb"] < 100_000 and list(r["phases"]) == ["normal"]
 
 
+@pytest.mark.slow
 def test_loadtest_with_the_attack_mix_reports_both_phases(keyed_server):
     r = run_loadtest(keyed_server, concurrency=2, requests=6, size=(32, 32), timeout_s=120, api_key=KEY,
                      attack=True, slow=8, attackers=1)

@@ -124,11 +124,16 @@ def test_serving_beyond_loopback_needs_a_key():
 
 
 def test_the_serve_command_refuses_before_loading_anything(monkeypatch, tmp_path):
-    from funcmem.cli import main
+    """``funcmem serve``'s own step raises the one-line ValueError (the CLI's error handler prints it)."""
+    from funcmem.cli import build_parser
+
+    def serve(*argv):
+        args = build_parser(["serve", *argv]).parse_args(["serve", *argv])
+        return args.run_cli(args)
 
     monkeypatch.delenv("FUNCMEM_API_KEY", raising=False)
     with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0 without an API key"):
-        main(["serve", "--run", str(tmp_path / "no-run-here"), "--host", "0.0.0.0"])  # not FileNotFoundError
+        serve("--run", str(tmp_path / "no-run-here"), "--host", "0.0.0.0")  # not FileNotFoundError: nothing loaded
     monkeypatch.setenv("FUNCMEM_API_KEY", KEY)
     with pytest.raises(FileNotFoundError):  # the key is read from the environment: it goes on to load the run
-        main(["serve", "--run", str(tmp_path / "no-run-here"), "--host", "0.0.0.0"])
+        serve("--run", str(tmp_path / "no-run-here"), "--host", "0.0.0.0")
