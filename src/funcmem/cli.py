@@ -25,7 +25,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "toy": Command("funcmem.toy", "generator vs shared LoRA on a conflicting toy problem"),
     "bench": Command("funcmem.benchmarks", "benchmarks: ratios measured in one run (funcmem bench --help lists them)"),
-    "convert": Command("funcmem.hywu", "convert a generator checkpoint between formats (lossless)"),
+    "convert": Command("funcmem.convert", "convert a generator checkpoint between formats (lossless)"),
     "demo": Command("funcmem.editing.benchmark.cli", "the image-editing benchmark: every method, every analysis, "
                     "a report", "editing"),
     "eval": Command("funcmem.editing.benchmark.evaluate", "evaluate a run's trained methods on another folder of "
