@@ -10,6 +10,7 @@ has the input's size and keeps its detail where the edit leaves it alone.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..cli import UsageError
+from ..io import atomic_write
 from .data import fit_scale
 from .images import read_rgb
 from .rundir import Run, load_run
@@ -30,10 +33,21 @@ def read_image(path: str | Path) -> Tensor:
     return read_rgb(path)
 
 
+def image_format(path: str | Path) -> str:
+    """The PIL format an output file's suffix asks for; a suffix PIL cannot write is a ValueError."""
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"cannot write an image to {path}: unknown image type {suffix or '(no suffix)'!r}; "
+                         "name it .png, .jpg or .webp")
+    return fmt
+
+
 def write_image(image: Tensor, path: str | Path) -> None:
+    """Save (3, H, W) in [0, 1] atomically (``io.atomic_write``), in the format of the path's suffix."""
     array = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    fmt = image_format(path)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt))
 
 
 @torch.no_grad()
@@ -86,7 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="functional_memory")
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (the same path, a symlink or a hard link to it)."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    if same_file(args.output, args.image):
+        raise UsageError(f"-o {args.output} is the input image; write the edit to another file")
+    image_format(args.output)  # refused before the work, not after
+    folder = Path(args.output).parent
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"-o {args.output}: {folder} is a file, not a folder")
     image = read_image(args.image)
     out = edit_image(load_run(args.run), image, args.instruction, args.method)
     write_image(out, args.output)
