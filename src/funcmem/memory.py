@@ -79,25 +79,27 @@ class _Mountable(nn.Module):
                 "rank": self.rank, "alpha": self.alpha,
                 "resolved_targets": {t.name: t.signature() for t in self.targets}}
 
-    def _check_targets(self, saved: dict, path) -> None:
-        """A saved config must describe this base's targets, shape for shape."""
-        mine = {t.name: t.signature() for t in self.targets}
-        for name, sig in saved.items():
-            if name not in mine:
-                raise ValueError(f"{path} was saved for a base with target {name!r}, which this base lacks "
-                                 f"(it has {list(mine)[:6]}...)")
-            if mine[name] != list(sig):
-                raise ValueError(f"{path}: target {name!r} is [kind, in, out, experts] = {list(sig)} in the "
-                                 f"checkpoint but {mine[name]} in this base")
-        extra = [n for n in mine if n not in saved]
-        if extra:
-            raise ValueError(f"{path}: this base has targets the checkpoint lacks: {extra[:6]}")
-
     def _save(self, path, config: dict, weights: dict[str, Tensor]) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         write_safetensors(path / WEIGHTS_NAME, weights, metadata={"format": "pt", "funcmem_version": __version__})
         write_json(path / CONFIG_NAME, config)
+
+
+def check_targets(base: nn.Module, config: dict, path) -> None:
+    """A saved config must describe ``base``'s targets (resolved from its patterns), shape for shape."""
+    mine = {t.name: t.signature() for t in resolve_targets(base, config["targets"], config.get("exclude"))}
+    saved = config["resolved_targets"]
+    for name, sig in saved.items():
+        if name not in mine:
+            raise ValueError(f"{path} was saved for a base with target {name!r}, which this base lacks "
+                             f"(it has {list(mine)[:6]}...)")
+        if mine[name] != list(sig):
+            raise ValueError(f"{path}: target {name!r} is [kind, in, out, experts] = {list(sig)} in the "
+                             f"checkpoint but {mine[name]} in this base")
+    extra = [n for n in mine if n not in saved]
+    if extra:
+        raise ValueError(f"{path}: this base has targets the checkpoint lacks: {extra[:6]}")
 
 
 REQUIRED_FIELDS = {"FunctionalMemory": ("targets", "rank", "alpha", "condition_dim", "generator", "resolved_targets"),
@@ -229,10 +231,10 @@ class FunctionalMemory(_Mountable):
     def from_pretrained(cls, path, base: nn.Module) -> "FunctionalMemory":
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
         config = read_config(path, "FunctionalMemory")
+        check_targets(base, config, path)
         check_fits(generator_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
         fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
                  GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
-        fm._check_targets(config["resolved_targets"], path)
         load_weights(fm.generator, path)
         return fm
 
@@ -309,9 +311,9 @@ class LoRABank(_Mountable):
     def from_pretrained(cls, path, base: nn.Module) -> "LoRABank":
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
         config = read_config(path, "LoRABank")
+        check_targets(base, config, path)
         check_fits(factor_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
         bank = cls(base, config["targets"], config["rank"], config["alpha"], config["num"], config.get("exclude"))
-        bank._check_targets(config["resolved_targets"], path)
         bank._load_factors(path)
         return bank
 
@@ -350,9 +352,9 @@ class SharedLoRA(LoRABank):
     @classmethod
     def from_pretrained(cls, path, base: nn.Module) -> "SharedLoRA":
         config = read_config(path, "SharedLoRA")
+        check_targets(base, config, path)
         check_fits(factor_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
         shared = cls(base, config["targets"], config["rank"], config["alpha"], config.get("exclude"))
-        shared._check_targets(config["resolved_targets"], path)
         shared._load_factors(path)
         return shared
 
