@@ -69,7 +69,7 @@ def test_bad_arguments_are_one_line(capsys, args, message):
 def test_toy_onto_a_file_is_one_line(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     line = user_error(capsys, ["--threads", "1", "toy", "--steps", "1", "--out", str(tmp_path / "file")])
-    assert line == f"error: {tmp_path / 'file'}: File exists"
+    assert line == f"error: --out {tmp_path / 'file'} is a file; name a folder"
 
 
 def test_bench_on_a_missing_gpu_is_one_line(capsys, tmp_path):
@@ -93,7 +93,8 @@ def test_convert_errors_are_one_line(capsys, tmp_path):
     line = user_error(capsys, [*convert, str(tmp_path / "hywu"), str(tmp_path / "full")])
     assert line == f"error: {tmp_path / 'full'} exists and is not an empty directory; choose a new destination"
     line = user_error(capsys, ["convert", "funcmem-to-hywu", str(tmp_path / "hywu"), str(tmp_path / "out")])
-    assert line == f"error: {tmp_path / 'hywu'} holds a None, not a 'FunctionalMemory'"
+    assert line == (f"error: {tmp_path / 'hywu'} holds no funcmem_type (it is not a funcmem directory), "
+                    "not a 'FunctionalMemory'")
     (tmp_path / "hywu" / "config.json").write_text(json.dumps({**config, "rank": 4.9}))
     line = user_error(capsys, [*convert, str(tmp_path / "hywu"), str(tmp_path / "out")])
     assert line == "error: HY-WU config.json: rank must be an integer, got 4.9"
@@ -118,12 +119,12 @@ def test_debug_shows_the_traceback_and_a_bug_keeps_it(capsys, monkeypatch, tmp_p
 
     args = ["--threads", "1", "toy", "--steps", "1", "--out", str(tmp_path / "file")]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match='is a file'):
         main(["--debug", *args])
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match='is a file'):
         main([*args, "--debug"])
     monkeypatch.setenv("FUNCMEM_DEBUG", "1")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UsageError, match='is a file'):
         main(args)
     monkeypatch.delenv("FUNCMEM_DEBUG")
     monkeypatch.setattr(funcmem.toy, "run_cli", lambda args: int("a bug, not the user's input"))

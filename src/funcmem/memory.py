@@ -113,8 +113,10 @@ def read_config(path, kind: str) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a funcmem directory")
     config = read_json(file)
-    if config.get("funcmem_type") != kind:
-        raise ValueError(f"{path} holds a {config.get('funcmem_type')!r}, not a {kind!r}")
+    found = config.get("funcmem_type")
+    if found != kind:
+        what = f"a {found!r}" if found else "no funcmem_type (it is not a funcmem directory)"
+        raise ValueError(f"{path} holds {what}, not a {kind!r}")
     missing = [k for k in REQUIRED_FIELDS[kind] if k not in config]
     if missing:
         raise ValueError(f"{file} lacks fields {missing}; a {kind} config needs {list(REQUIRED_FIELDS[kind])}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .cli import positive_int
+from .cli import UsageError, positive_int
 from .generator import GeneratorConfig
 from .io import write_json
 from .memory import FunctionalMemory, SharedLoRA
@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Generator vs shared LoRA on the conflicting toy problem (the core's smallest demo)."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; name a folder")
     out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after training
     torch.manual_seed(args.seed)
     base = ToyMLP(32)
