@@ -12,11 +12,13 @@ import os
 import pytest
 import torch
 
+from funcmem.threads import choose_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "OMP_NUM_THREADS" not in os.environ:  # on a shared machine, OMP_NUM_THREADS=1 keeps training tests fast
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+if "OMP_NUM_THREADS" not in os.environ:  # the CLI's choice: half the free cores (two beside a busy process crawl)
+    torch.set_num_threads(choose_threads()[0])
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 EDITING_EXTRA = ("PIL", "skimage", "sklearn", "matplotlib", "transformers")  # what funcmem[editing] installs
@@ -34,6 +36,14 @@ def one_thread():
     """Tiny shapes gain nothing from threads; on a busy 2-core machine waiting for them dominates."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def keep_threads():
+    """For tests that run commands (they set torch's threads): the tests after them keep theirs."""
+    threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import funcmem
+from funcmem.cli import main
 from funcmem.lora import LoRA
 
 
@@ -133,3 +134,14 @@ def random_lora(source, rows, index=None, *, rank=None, scale=None, std=0.3, see
     factors = {t.name: tuple((std * torch.randn(rows, *shape, generator=g)).to(dtype).requires_grad_(requires_grad)
                              for shape in (t.a_shape(rank), t.b_shape(rank))) for t in targets}
     return LoRA(factors, 1.0 if scale is None else scale, index)
+
+
+def user_error(capsys, args: list[str]) -> str:
+    """Run ``funcmem ARGS``: status 2 and one ``error:`` line on stderr (after the threads line), no
+    traceback. Returns the error line."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("threads: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import funcmem
+import funcmem.cli
 from funcmem import io
 from funcmem.io import PickleRefusedError, atomic_write, load_safetensors_dir, load_tensors, read_safetensors
 
@@ -190,3 +191,48 @@ def test_a_kill_during_a_write_keeps_the_previous_file(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.equal(read_safetensors(path)["x"], torch.zeros(8))  # the old version, whole
+
+
+KILLED_CONVERT = """
+import sys, time
+import funcmem.hywu
+funcmem.hywu.write_json = lambda *a, **k: time.sleep(60)  # killed after the weights, before config.json
+funcmem.hywu.convert_to_funcmem(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_convert_leaves_no_destination_and_a_rerun_works(tmp_path):
+    from test_hywu import grouped_config, random_state, write_checkpoint
+
+    config = grouped_config()
+    write_checkpoint(tmp_path / "hywu", config, random_state(config))
+    dst = tmp_path / "out" / "fm"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CONVERT, str(tmp_path / "hywu"), str(dst)])
+    deadline = time.time() + 60
+    while not list((tmp_path / "out").glob(".fm.*.tmp/model.safetensors")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists()  # nothing half-written where the user looks
+    assert funcmem.cli.main(["convert", "hywu-to-funcmem", str(tmp_path / "hywu"), str(dst)]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["fm"]  # the dead run's temporary folder is gone
+    assert funcmem.io.read_json(dst / "config.json")["funcmem_type"] == "FunctionalMemory"
+
+
+def test_atomic_directory_refuses_a_non_empty_destination_and_cleans_up_after_an_error(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="full exists and is not an empty directory"):
+        with io.atomic_directory(tmp_path / "full"):
+            pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.atomic_directory(tmp_path / "new") as tmp:
+            (tmp / "half").write_text("half")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+    (tmp_path / "empty").mkdir()
+    with io.atomic_directory(tmp_path / "empty") as tmp:  # an empty directory is replaced
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "empty" / "a").read_text() == "a"

@@ -16,6 +16,7 @@ loss or gradient is not finite.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,7 @@ class LoRAGuard:
             none). The default, 100, is generous: trained generators in the tests make updates
             below 1x the weight's norm, untrained ones with a random B head (std 0.3) about 30x;
             it stops one that has blown up (updates of 1e3x and more, on the way to Inf).
-        check_finite: raise ``NonFiniteLoRAError`` when a factor holds NaN or Inf.
+        check_finite: raise ``NonFiniteLoRAError`` when a factor or the scale holds NaN or Inf.
 
     Counters (since construction or ``reset()``): ``checked`` samples, ``clipped`` (sample,
     target) updates scaled down, ``nonfinite`` LoRAs refused.
@@ -133,6 +134,10 @@ class LoRAGuard:
 
     def __call__(self, lora: LoRA, weight_norms: dict[str, float] | None = None) -> LoRA:
         """Check and bound ``lora``; ``weight_norms`` ({target: ||W||_F}) enables the relative bound."""
+        if self.check_finite and not math.isfinite(lora.scale):
+            self.nonfinite += 1
+            raise NonFiniteLoRAError(f"the LoRA's scale (alpha / rank) is {lora.scale}: every update would be "
+                                     "NaN or Inf")
         names = list(lora.factors)
         flags = []  # one host read for everything below
         if self.check_finite:

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .config_checks import check_hywu_values, integer
 from .generator import GeneratorConfig, ParameterGenerator
-from .io import load_safetensors_dir, read_json, read_safetensors, write_json, write_safetensors
+from .io import (atomic_directory, load_safetensors_dir, read_json, read_safetensors, safetensors_dir_shapes,
+                 write_json, write_safetensors)
 from .lora import LoRA
 from .memory import FunctionalMemory, read_config as read_funcmem_config
 from .targets import Target, candidates, describe, exact, group_layers
@@ -43,10 +45,12 @@ FIXED_GENERATOR = {"mlp_ratio": 4, "rope_theta": 10000.0, "attention": "factoriz
 
 
 def validate_config(config: dict) -> None:
-    """Raise ``ValueError`` naming the first field that is missing or malformed."""
+    """Raise ``ValueError`` naming the first field that is missing or malformed (sizes are
+    integers within bounds, alpha finite: ``config_checks.check_hywu_values``)."""
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise ValueError(f"HY-WU config.json lacks fields {missing}")
+    check_hywu_values(config, "HY-WU config.json")
     if config.get("output_dim", config["token_dim"]) != config["token_dim"]:
         raise ValueError(f"output_dim ({config['output_dim']}) must equal token_dim ({config['token_dim']})")
     if not isinstance(config["pg_mapping"], dict) or not config["pg_mapping"]:
@@ -58,8 +62,7 @@ def _dims(where: str, dims) -> tuple[int, int]:
     for key in ("lora_A_dim", "lora_B_dim"):
         if not isinstance(dims, dict) or key not in dims:
             raise ValueError(f"HY-WU config.json: pg_mapping[{where!r}] lacks {key!r}")
-        if not isinstance(dims[key], int) or dims[key] < 1:
-            raise ValueError(f"HY-WU config.json: pg_mapping[{where!r}].{key} must be a positive int, got {dims[key]!r}")
+        integer(dims[key], f"pg_mapping[{where!r}].{key}", "HY-WU config.json")
     return dims["lora_A_dim"], dims["lora_B_dim"]
 
 
@@ -72,9 +75,9 @@ def expand_mapping(pg_mapping: dict) -> list[tuple[str, int, int, int | None]]:
             for key in ("num_experts", "sub_weights"):
                 if key not in spec:
                     raise ValueError(f"HY-WU config.json: grouped pg_mapping[{path!r}] lacks {key!r}")
-            experts = spec["num_experts"]
-            if not isinstance(experts, int) or experts < 1:
-                raise ValueError(f"HY-WU config.json: pg_mapping[{path!r}].num_experts must be a positive int")
+            experts = integer(spec["num_experts"], f"pg_mapping[{path!r}].num_experts", "HY-WU config.json")
+            if not isinstance(spec["sub_weights"], dict) or not spec["sub_weights"]:
+                raise ValueError(f"HY-WU config.json: pg_mapping[{path!r}].sub_weights must be a non-empty object")
             for sub, dims in spec["sub_weights"].items():
                 modules.append((f"{path}.{sub}", *_dims(f"{path}.{sub}", dims), experts))
         else:
@@ -121,13 +124,17 @@ def read_config(path: str | Path) -> dict:
 # ---------------------------------------------------------------- weights
 
 
-def check_weights(generator: nn.Module, state: dict[str, Tensor]) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected or misshapen weight (both shapes)."""
+def check_weights(generator: nn.Module, state: dict[str, Tensor | tuple]) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected or misshapen weight (both shapes).
+
+    ``state`` holds the checkpoint's tensors or only their shapes (``io.safetensors_dir_shapes``).
+    """
     own = generator.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in state.items()}
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    wrong = [f"{k}: checkpoint {shapes[k]} vs config {tuple(v.shape)}"
+             for k, v in own.items() if k in shapes and shapes[k] != tuple(v.shape)]
     if missing or unexpected or wrong:
         raise ValueError("HY-WU weights do not fit their config.json:"
                          + (f"\n  missing: {missing[:8]}" if missing else "")
@@ -135,7 +142,7 @@ def check_weights(generator: nn.Module, state: dict[str, Tensor]) -> None:
                          + ("\n  " + "\n  ".join(wrong[:8]) if wrong else ""))
 
 
-def _shape_check(config: dict, state: dict[str, Tensor]) -> None:
+def _shape_check(config: dict, state: dict[str, Tensor | tuple]) -> None:
     """check_weights against a generator built on the meta device (no memory, no init)."""
     with torch.device("meta"):
         check_weights(HywuGenerator(config).generator, state)
@@ -175,8 +182,14 @@ class HywuGenerator(nn.Module):
 
 
 def load_generator(path: str | Path, dtype: torch.dtype = torch.float32) -> HywuGenerator:
-    """Load a HY-WU checkpoint directory (single file or sharded safetensors)."""
-    gen = HywuGenerator(read_config(path))
+    """Load a HY-WU checkpoint directory (single file or sharded safetensors).
+
+    The weights' shapes are checked against the config from the safetensors header, on a
+    generator built on the meta device, before anything is allocated.
+    """
+    config = read_config(path)
+    _shape_check(config, safetensors_dir_shapes(path))
+    gen = HywuGenerator(config)
     gen.load_weights(load_safetensors_dir(path))
     return gen.to(dtype).eval()
 
@@ -235,8 +248,8 @@ def from_pretrained(path: str | Path, base: nn.Module, dtype: torch.dtype = torc
     """
     config = read_config(path)
     check_base(config, base)
+    _shape_check(config, safetensors_dir_shapes(path))
     state = load_safetensors_dir(path)
-    _shape_check(config, state)
     grid = grid_from_config(config)
     names = [f"{layer}.{slot}" for layer in grid["layers"] for slot in grid["slots"]]
     fm = FunctionalMemory(base, exact(names), config["rank"], config["alpha"], config["input_dim"],
@@ -343,53 +356,30 @@ def hywu_config(config: dict) -> OrderedDict:
     return OrderedDict(kept)
 
 
-def _empty_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not an empty directory; choose a new destination")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def convert_to_funcmem(src: str | Path, dst: str | Path) -> None:
     """Write a funcmem generator directory (``FunctionalMemory.from_pretrained``) from a HY-WU one.
 
     The weights are copied bit for bit (same names, same dtype; shards become one file), after
-    checking they fit the config. ``dst`` must not exist or be empty.
+    checking they fit the config. ``dst`` must not exist or be empty; it is written in a temporary
+    sibling and renamed into place (``io.atomic_directory``), so a killed convert leaves no ``dst``.
     """
     config = read_config(src)
     state = load_safetensors_dir(src)
     _shape_check(config, state)
-    dst = _empty_dir(dst)
-    write_safetensors(dst / WEIGHTS_NAME, state, metadata={"format": "pt", "funcmem_version": __version__})
-    write_json(dst / "config.json", funcmem_config(config))
+    with atomic_directory(dst) as tmp:  # a killed convert leaves no half-written dst
+        write_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt", "funcmem_version": __version__})
+        write_json(tmp / "config.json", funcmem_config(config))
 
 
 def convert_to_hywu(src: str | Path, dst: str | Path) -> None:
     """Write a HY-WU checkpoint directory from a funcmem ``FunctionalMemory`` one (see ``hywu_config``).
 
-    The weights are copied bit for bit. ``dst`` must not exist or be empty.
+    The weights are copied bit for bit. ``dst`` must not exist or be empty (written as
+    ``convert_to_funcmem`` writes it).
     """
     config = hywu_config(read_funcmem_config(src, "FunctionalMemory"))
     state = read_safetensors(Path(src) / WEIGHTS_NAME)
     _shape_check(config, state)
-    dst = _empty_dir(dst)
-    write_safetensors(dst / WEIGHTS_NAME, state, metadata={"format": "pt"})
-    write_json(dst / "config.json", config)
-
-
-def add_arguments(parser) -> None:
-    """``funcmem convert hywu-to-funcmem SRC DST`` and ``funcmem convert funcmem-to-hywu SRC DST``."""
-    how = parser.add_subparsers(dest="direction", required=True)
-    for name, text in (("hywu-to-funcmem", "HY-WU checkpoint -> funcmem generator directory"),
-                       ("funcmem-to-hywu", "funcmem generator directory -> HY-WU checkpoint")):
-        p = how.add_parser(name, help=text)
-        p.add_argument("src", help="source directory")
-        p.add_argument("dst", help="destination directory (new or empty)")
-
-
-def run_cli(args) -> int:
-    convert = {"hywu-to-funcmem": convert_to_funcmem, "funcmem-to-hywu": convert_to_hywu}[args.direction]
-    convert(args.src, args.dst)
-    print(f"wrote {args.dst}")
-    return 0
+    with atomic_directory(dst) as tmp:
+        write_safetensors(tmp / WEIGHTS_NAME, state, metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)

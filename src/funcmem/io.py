@@ -7,16 +7,20 @@ Safety rules every reader in funcmem follows:
   ``allow_pickle=True``, and even then it is read with ``torch.load(weights_only=True)``;
 - every file is written atomically (``atomic_write``: a temporary file in the same folder,
   fsync, rename, fsync of the folder), so a reader sees the old file or the new one, never half;
+  a directory written as one piece is built in a temporary sibling and renamed (``atomic_directory``);
 - safetensors headers record every tensor's byte range, so a truncated file is refused
   (``read_safetensors``), and ``file_sha256`` lets an index record a whole file's checksum.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,15 +57,62 @@ def atomic_write(path: str | Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path):
+    """Build a directory in a temporary sibling and rename it into place when the block ends.
+
+    ``with atomic_directory(dst) as tmp:`` yields the hidden sibling ``.{name}.{pid}.{random}.tmp``
+    to write into; ``dst`` appears whole, with every file, or not at all. ``dst`` must not exist or
+    be an empty directory (``FileExistsError`` otherwise, before anything is written). An
+    exception removes the sibling; a killed process leaves it, and the next build of ``dst``
+    removes siblings whose process is gone.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory; choose a new destination")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.replace(tmp, path)  # POSIX rename: atomic, and it may replace an empty directory
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Remove ``atomic_directory`` siblings of ``path`` left by processes that no longer run."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -169,6 +220,37 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as e:
         raise ValueError(f"cannot read {path} as safetensors: {e}") from e
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a safetensors file's header, without reading a tensor."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as safetensors: {e}") from e
+
+
+def safetensors_dir_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """``safetensors_shapes`` over a directory's ``model.safetensors`` or the shards its index names."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        if not (path / "model.safetensors").is_file():
+            load_safetensors_dir(path)  # raises: no weights, or only a pickle
+        return safetensors_shapes(path / "model.safetensors")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map")
+    shapes = {}
+    for shard in sorted(set(weight_map.values())):
+        shapes.update(safetensors_shapes(path / shard))
+    return shapes
 
 
 def load_safetensors_dir(path: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:

@@ -16,13 +16,14 @@ from torch import Tensor, nn
 
 from . import mount
 from .diffusers_io import export_diffusers
+from .config_checks import check_fits, check_funcmem_config
 from .generator import GeneratorConfig, ParameterGenerator
 from .guard import LoRAGuard, check_condition
 from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
 from .peft_io import export_peft, read_peft
 from .targets import Patterns, Target, resolve_targets
-from .tokens import Entry, TokenLayout
+from .tokens import TokenLayout, grid_layout
 from .version import __version__
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -35,8 +36,10 @@ class _Mountable(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Module):
             raise TypeError(f"base must be an nn.Module, got {type(base).__name__}")
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if alpha is not None and not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}")
         base.requires_grad_(False)
         self.base = base
         self.target_patterns, self.exclude = targets, exclude
@@ -77,20 +80,6 @@ class _Mountable(nn.Module):
                 "rank": self.rank, "alpha": self.alpha,
                 "resolved_targets": {t.name: t.signature() for t in self.targets}}
 
-    def _check_targets(self, saved: dict, path) -> None:
-        """A saved config must describe this base's targets, shape for shape."""
-        mine = {t.name: t.signature() for t in self.targets}
-        for name, sig in saved.items():
-            if name not in mine:
-                raise ValueError(f"{path} was saved for a base with target {name!r}, which this base lacks "
-                                 f"(it has {list(mine)[:6]}...)")
-            if mine[name] != list(sig):
-                raise ValueError(f"{path}: target {name!r} is [kind, in, out, experts] = {list(sig)} in the "
-                                 f"checkpoint but {mine[name]} in this base")
-        extra = [n for n in mine if n not in saved]
-        if extra:
-            raise ValueError(f"{path}: this base has targets the checkpoint lacks: {extra[:6]}")
-
     def _save(self, path, config: dict, weights: dict[str, Tensor]) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -98,21 +87,20 @@ class _Mountable(nn.Module):
         write_json(path / CONFIG_NAME, config)
 
 
-def grid_layout(targets: list[Target], grid: dict, rank: int, token_dim: int) -> TokenLayout:
-    """The token layout of an explicit grid: layer n, slot k is target ``f"{layers[n]}.{slots[k]}"``.
-
-    Raises:
-        ValueError: the resolved targets are not exactly the grid's names (both lists are named).
-    """
-    by_name = {t.name: t for t in targets}
-    names = [[f"{layer}.{slot}" for slot in grid["slots"]] for layer in grid["layers"]]
-    flat = [n for row in names for n in row]
-    if set(flat) != set(by_name) or len(flat) != len(by_name):
-        raise ValueError(f"the token grid names targets {sorted(set(flat) - set(by_name))[:6]} that were not "
-                         f"resolved and the patterns resolved {sorted(set(by_name) - set(flat))[:6]} outside it")
-    entries = [Entry(name, n, k, by_name[name].a_shape(rank), by_name[name].b_shape(rank))
-               for n, row in enumerate(names) for k, name in enumerate(row)]
-    return TokenLayout(rank, token_dim, len(grid["layers"]), grid["slots"], entries)
+def check_targets(base: nn.Module, config: dict, path) -> None:
+    """A saved config must describe ``base``'s targets (resolved from its patterns), shape for shape."""
+    mine = {t.name: t.signature() for t in resolve_targets(base, config["targets"], config.get("exclude"))}
+    saved = config["resolved_targets"]
+    for name, sig in saved.items():
+        if name not in mine:
+            raise ValueError(f"{path} was saved for a base with target {name!r}, which this base lacks "
+                             f"(it has {list(mine)[:6]}...)")
+        if mine[name] != list(sig):
+            raise ValueError(f"{path}: target {name!r} is [kind, in, out, experts] = {list(sig)} in the "
+                             f"checkpoint but {mine[name]} in this base")
+    extra = [n for n in mine if n not in saved]
+    if extra:
+        raise ValueError(f"{path}: this base has targets the checkpoint lacks: {extra[:6]}")
 
 
 REQUIRED_FIELDS = {"FunctionalMemory": ("targets", "rank", "alpha", "condition_dim", "generator", "resolved_targets"),
@@ -126,27 +114,46 @@ def read_config(path, kind: str) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a funcmem directory")
     config = read_json(file)
-    if config.get("funcmem_type") != kind:
-        raise ValueError(f"{path} holds a {config.get('funcmem_type')!r}, not a {kind!r}")
+    found = config.get("funcmem_type")
+    if found != kind:
+        what = f"a {found!r}" if found else "no funcmem_type (it is not a funcmem directory)"
+        raise ValueError(f"{path} holds {what}, not a {kind!r}")
     missing = [k for k in REQUIRED_FIELDS[kind] if k not in config]
     if missing:
         raise ValueError(f"{file} lacks fields {missing}; a {kind} config needs {list(REQUIRED_FIELDS[kind])}")
+    check_funcmem_config(config, kind, file)  # integer sizes within bounds, finite alpha
     return config
 
 
 def load_weights(module: nn.Module, path) -> None:
-    """Load ``model.safetensors`` into ``module``; a mismatch names the file and the weights."""
+    """Load ``model.safetensors`` into ``module``; a mismatch (read from the file's header first)
+    names the file and the weights."""
     file = Path(path) / WEIGHTS_NAME
-    state, own = read_safetensors(file), module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-             for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{file} does not fit the model its {CONFIG_NAME} describes ({len(wrong)} shapes differ):"
-                         + (f" missing {missing[:5]};" if missing else "")
-                         + (f" unexpected {unexpected[:5]};" if unexpected else "")
-                         + (" " + "; ".join(wrong[:3]) if wrong else ""))
-    module.load_state_dict(state)
+    check_fits({k: tuple(v.shape) for k, v in module.state_dict().items()}, file, CONFIG_NAME)
+    module.load_state_dict(read_safetensors(file))
+
+
+def generator_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The generator weights' shapes a FunctionalMemory config describes (built on the meta device:
+    no memory, so a config asking for terabytes costs nothing before ``check_fits`` refuses it)."""
+    targets = [Target(name, *sig) for name, sig in config["resolved_targets"].items()]
+    gen, rank, grid = GeneratorConfig.from_dict(config["generator"]), config["rank"], config.get("grid")
+    with torch.device("meta"):
+        layout = (TokenLayout.from_targets(targets, rank, gen.token_dim) if grid is None
+                  else grid_layout(targets, grid, rank, gen.token_dim))
+        model = ParameterGenerator(gen, config["condition_dim"], layout.num_layers, layout.tokens_per_layer,
+                                   layout.h_a, rank)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def factor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """A LoRABank / SharedLoRA config's factor shapes: ``{target}.lora_A`` (K, *A), ``.lora_B`` (K, *B)."""
+    num, rank = config.get("num", 1), config["rank"]
+    shapes = {}
+    for name, sig in config["resolved_targets"].items():
+        t = Target(name, *sig)
+        shapes[f"{name}.lora_A"], shapes[f"{name}.lora_B"] = (num, *t.a_shape(rank)), (num, *t.b_shape(rank))
+    return shapes
 
 
 class FunctionalMemory(_Mountable):
@@ -227,9 +234,10 @@ class FunctionalMemory(_Mountable):
     def from_pretrained(cls, path, base: nn.Module) -> "FunctionalMemory":
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
         config = read_config(path, "FunctionalMemory")
+        check_targets(base, config, path)
+        check_fits(generator_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
         fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
                  GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
-        fm._check_targets(config["resolved_targets"], path)
         load_weights(fm.generator, path)
         return fm
 
@@ -311,8 +319,9 @@ class LoRABank(_Mountable):
     def from_pretrained(cls, path, base: nn.Module) -> "LoRABank":
         """Rebuild on ``base``; a base whose targets differ from the saved ones is refused."""
         config = read_config(path, "LoRABank")
+        check_targets(base, config, path)
+        check_fits(factor_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
         bank = cls(base, config["targets"], config["rank"], config["alpha"], config["num"], config.get("exclude"))
-        bank._check_targets(config["resolved_targets"], path)
         bank._load_factors(path)
         return bank
 
@@ -355,8 +364,9 @@ class SharedLoRA(LoRABank):
     @classmethod
     def from_pretrained(cls, path, base: nn.Module) -> "SharedLoRA":
         config = read_config(path, "SharedLoRA")
+        check_targets(base, config, path)
+        check_fits(factor_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
         shared = cls(base, config["targets"], config["rank"], config["alpha"], config.get("exclude"))
-        shared._check_targets(config["resolved_targets"], path)
         shared._load_factors(path)
         return shared
 

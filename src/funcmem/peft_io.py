@@ -30,8 +30,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
+from .config_checks import check_peft_values
 from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
 from .targets import Target, candidates, describe, exact, unwrap
@@ -191,7 +193,7 @@ def read_peft(path: str | Path, base: nn.Module) -> PeftAdapter:
     path = Path(path)
     config = _read_adapter_config(path)
     weights = path / WEIGHTS_NAME
-    rank = int(config["r"])
+    rank = config["r"]
     scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
     names = candidates(base)
     params = list(config.get("target_parameters") or [])
@@ -217,6 +219,7 @@ def _read_adapter_config(path: Path) -> dict:
     config = read_json(file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    check_peft_values(config, file)  # r an integer, lora_alpha finite, use_rslora a boolean
     for field, what in UNSUPPORTED.items():
         if config.get(field):
             raise NotImplementedError(f"{file} sets {field}={config[field]!r} ({what}), which a funcmem LoRA "
@@ -236,6 +239,8 @@ def _factor_pairs(weights: Path) -> dict[str, dict[str, Tensor]]:
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise NotImplementedError(f"{weights}: weight {key!r} is not a LoRA factor (lora_A / lora_B) funcmem "
                                       "can hold")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{weights}: {key} holds NaN or Inf values")
         module, which = key[len(PREFIX): -len(".lora_A.weight")], key[-len("A.weight")]
         pairs.setdefault(module, {})[which] = tensor
     for module, pair in pairs.items():

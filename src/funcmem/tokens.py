@@ -101,3 +101,20 @@ class TokenLayout:
                     for offset, count, shape in self._spans(e))
             factors[e.name] = (a, b)
         return LoRA(factors, scale)
+
+
+def grid_layout(targets: list[Target], grid: dict, rank: int, token_dim: int) -> TokenLayout:
+    """The token layout of an explicit grid: layer n, slot k is target ``f"{layers[n]}.{slots[k]}"``.
+
+    Raises:
+        ValueError: the resolved targets are not exactly the grid's names (both lists are named).
+    """
+    by_name = {t.name: t for t in targets}
+    names = [[f"{layer}.{slot}" for slot in grid["slots"]] for layer in grid["layers"]]
+    flat = [n for row in names for n in row]
+    if set(flat) != set(by_name) or len(flat) != len(by_name):
+        raise ValueError(f"the token grid names targets {sorted(set(flat) - set(by_name))[:6]} that were not "
+                         f"resolved and the patterns resolved {sorted(set(by_name) - set(flat))[:6]} outside it")
+    entries = [Entry(name, n, k, by_name[name].a_shape(rank), by_name[name].b_shape(rank))
+               for n, row in enumerate(names) for k, name in enumerate(row)]
+    return TokenLayout(rank, token_dim, len(grid["layers"]), grid["slots"], entries)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .cli import UsageError, positive_int
 from .generator import GeneratorConfig
 from .io import write_json
 from .memory import FunctionalMemory, SharedLoRA
@@ -88,13 +89,17 @@ class ConflictingTasks:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/toy")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Generator vs shared LoRA on the conflicting toy problem (the core's smallest demo)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; name a folder")
+    out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after training
     torch.manual_seed(args.seed)
     base = ToyMLP(32)
     tasks = ConflictingTasks(base, seed=args.seed)
@@ -116,8 +121,6 @@ def run_cli(args: argparse.Namespace) -> int:
         result = {"generator": {"mse": fm_loss(fm, test).item(), "params": fm.num_trainable_parameters()},
                   "shared_lora": {"mse": shared_loss(shared, test).item(), "params": shared.num_trainable_parameters()},
                   "base": {"mse": ((base(test[1]) - test[2]) ** 2).mean().item()}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "toy.json", result)
     print(json.dumps(result, indent=2))
     return 0

@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .guard import NonFiniteLoRAError
 from .io import read_safetensors, read_safetensors_metadata, write_safetensors
+from .progress import progress as show_progress
 
 CHECKPOINT_NAME, METRICS_NAME = "checkpoint.safetensors", "metrics.jsonl"
 
@@ -44,7 +44,7 @@ class TrainConfig:
         precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the device supports it: CUDA).
         out_dir: where checkpoints and ``metrics.jsonl`` go (None: nowhere).
         checkpoint_every, log_every: in steps.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, a line every 10% or 30 s elsewhere).
         distributed: "none", "ddp", "fsdp" or "auto" (ddp under a multi-process ``torchrun``
             launch, else none); see ``funcmem.distributed``. Rank 0 writes checkpoints and logs.
         shard_batch: with several processes, ``batch_fn(step)`` returns the global batch and each
@@ -262,12 +262,12 @@ class Trainer:
         start = time.perf_counter()
         if callback:
             callback(self)
-        with tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and distributed.is_main()),
-                  desc=cfg.description, dynamic_ncols=True) as bar:
+        with show_progress(total=cfg.steps, initial=self.step, disable=not (cfg.progress and distributed.is_main()),
+                           desc=cfg.description) as bar:
             while self.step < cfg.steps:
                 record = self.train_step(batch_fn(self.step))
-                bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
+                bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._log({**record, "time": round(time.perf_counter() - start, 3)})
                 if cfg.out_dir and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):

@@ -312,6 +312,8 @@ def run(mode: str = "full", out: str | Path = "runs/bench/lora.json", device: st
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch sees no CUDA GPU; use --device cpu")
     dt = getattr(torch, dtype)
     s = SIZES[mode]
     torch.manual_seed(0)
@@ -342,12 +344,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="a subset of shapes (a few minutes on 2 CPU cores)")
     size.add_argument("--smoke", action="store_true", help="tiny shapes: checks the command, numbers mean nothing")
     parser.add_argument("--out", default="runs/bench/lora.json")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return parser
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    run("smoke" if args.smoke else "quick" if args.quick else "full", args.out, args.device, args.threads, args.dtype)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    run(mode, args.out, args.device, getattr(args, "threads", None), args.dtype)  # funcmem --threads N
     return 0

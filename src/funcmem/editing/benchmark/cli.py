@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ... import io
+from ...cli import UsageError, positive_int
 from .config import BenchmarkConfig
 from .report import write_report
 from .run import run
@@ -17,13 +20,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--out", default=out)
     parser.add_argument("--images", default=None, help="a folder of JPEG/PNG photos to use instead of the bundled ones")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=None, help="override the training steps of every method")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the training steps of every method")
     parser.add_argument("--cache-dir", default=None, help="where the pretrained base editor is cached")
 
 
 def benchmark_config(args: argparse.Namespace, **defaults) -> BenchmarkConfig:
     """The settings the shared flags ask for: ``BenchmarkConfig.quick`` with ``--quick``, else the full
     run's, with ``defaults`` (the command's own) and then the flags on top."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: this PyTorch sees no CUDA GPU; run on --device cpu")
     overrides = {**defaults, "images": args.images, "device": args.device, "cache_dir": args.cache_dir}
     if args.steps:
         overrides["steps"] = args.steps

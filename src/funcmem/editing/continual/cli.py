@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ...cli import finite_float
 from ..benchmark.cli import add_run_arguments, benchmark_config
+from ..data import load_folder
 from .config import EDIT_NAMES, METHODS, STAGE_DEFAULTS, ContinualConfig
 from .protocol import run
 
@@ -15,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "runs/continual")
     parser.add_argument("--forget", default=None, metavar="EDIT", choices=EDIT_NAMES,
                         help="afterwards, remove this edit from the fm_replay generator (stored conditions only)")
-    parser.add_argument("--distill-weight", type=float, default=None, help="fm_replay's distillation weight")
+    parser.add_argument("--distill-weight", type=finite_float, default=None, help="fm_replay's distillation weight")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="which methods to run")
 
 
@@ -28,6 +30,8 @@ def config(args: argparse.Namespace) -> ContinualConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.images:
+        load_folder(args.images)  # a bad photo folder fails now, not after the editor's pretraining
     results = run(config(args), args.out, forget=args.forget, methods=args.methods)
     for m, r in results["methods"].items():
         print(f"{m:24s} average {r['average']:6.2f} dB  forgetting {r['mean_forgetting']:5.2f}  "
