@@ -14,4 +14,13 @@ def test_serve_without_a_run_is_one_line(capsys, tmp_path):
 
 def test_serve_with_a_bad_port_is_one_line(capsys, tmp_path):
     line = user_error(capsys, ["serve", "--run", str(tmp_path), "--port", "abc"])
-    assert line == "error: funcmem serve: argument --port: invalid int value: 'abc' (see funcmem serve --help)"
+    assert line == "error: funcmem serve: argument --port: expected a port number, got 'abc' (see funcmem serve --help)"
+    line = user_error(capsys, ["serve", "--run", str(tmp_path), "--port", "99999"])
+    assert line == "error: funcmem serve: argument --port: a port is 1 to 65535, got 99999 (see funcmem serve --help)"
+
+
+def test_loadtest_errors_are_one_line_on_stderr(capsys):
+    line = user_error(capsys, ["loadtest", "--url", "http://127.0.0.1:9", "--concurrency", "0"])
+    assert line == "error: concurrency must lie in [1, 256], got 0"
+    line = user_error(capsys, ["loadtest", "--url", "http://127.0.0.1:9", "--requests", "1"])  # nothing listens there
+    assert line.startswith("error: cannot connect to http://127.0.0.1:9") and "start `funcmem serve` first" in line

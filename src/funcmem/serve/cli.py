@@ -57,12 +57,23 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def port(text: str) -> int:
+    """An argparse ``type``: a TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``funcmem serve``'s options."""
     d = ServeConfig()
     parser.add_argument("--run", required=True, help="a run directory written by `funcmem demo`")
     parser.add_argument("--host", default="127.0.0.1", help="any other than loopback needs an API key")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port, default=8000)
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (prefer the "
                         "FUNCMEM_API_KEY environment variable: a command line is visible to other users)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from ..cli import UsageError
 from ..io import write_json
 from .manifold import example_instructions
 from .metrics import parse
@@ -296,13 +297,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import httpx
+
     try:
         result = run_loadtest(args.url, args.concurrency, args.requests, args.duration, (args.size, args.size),
                               args.repeat, args.timeout, os.environ.get("FUNCMEM_API_KEY"), args.attack, args.slow,
                               args.attackers)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+    except httpx.ConnectError as e:
+        raise UsageError(f"cannot connect to {args.url} ({e}); start `funcmem serve` first") from None
     print(format_report(result))
     if args.json:
         write_json(args.json, result)
