@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from funcmem.cli import UsageError
 from funcmem.editing import apply
 from funcmem.editing.apply import TooManyTiles, blend, edit_array, edit_image, tile_grid, to_tiles
 from funcmem.editing.data import fit_scale
@@ -119,7 +120,7 @@ def test_edit_command_refuses_its_input_as_output_and_an_elongated_image(tmp_pat
     monkeypatch.setattr(apply, "tile_size", lambda run: 8)
     args = Namespace(run="r", image=str(photo), instruction="brighter", output=str(photo), method="functional_memory",
                      max_tiles=64, chunk=16)
-    with pytest.raises(ValueError, match="is the input image"):
+    with pytest.raises(UsageError, match="is the input image"):
         apply.run_cli(args)
     args.output = str(tmp_path / "out.png")
     with pytest.raises(TooManyTiles, match="the limit is 64 tiles"):

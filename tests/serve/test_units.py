@@ -66,4 +66,4 @@ def test_loadtest_command_refuses_a_remote_url(capsys):
     from funcmem.cli import main
 
     assert main(["loadtest", "--url", "http://192.168.1.2:8000", "--requests", "1"]) == 2
-    assert "only targets a server on this machine" in capsys.readouterr().out
+    assert "only targets a server on this machine" in capsys.readouterr().err
