@@ -1,9 +1,12 @@
 """The generator: HY-WU's function, identity at step 0, gradients everywhere, options."""
 
+import warnings
+
+import pytest
 import torch
 
 import funcmem
-from funcmem.generator import GeneratorConfig, ParameterGenerator
+from funcmem.generator import FORMAT_DESIGN, GeneratorConfig, HeadBottleneckWarning, ParameterGenerator
 from helpers import TinyTransformer
 
 CFG = GeneratorConfig(d_model=32, depth=2, head_dim=8, token_dim=16, dim_accumulation=2)
@@ -84,3 +87,110 @@ def test_full_attention_variant_has_same_weights_and_shape():
     full = ParameterGenerator(GeneratorConfig(**{**CFG.to_dict(), "attention": "full"}), 12, 3, 5, 2, 4)
     assert fact.state_dict().keys() == full.state_dict().keys()
     assert full(torch.randn(2, 3, 12)).shape == fact(torch.randn(2, 3, 12)).shape == (2, 3, 5, 4, 16)
+
+
+# ---------------------------------------------------------------- design options (funcmem's own)
+
+
+def test_head_bottleneck_is_flagged_when_rows_are_narrower_than_tokens():
+    narrow = GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=4)  # d = 8 < 16
+    wide = GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2)  # d = 16
+    assert narrow.head_bottleneck and not wide.head_bottleneck
+    with pytest.warns(HeadBottleneckWarning, match=r"9-dimensional affine subspace; choose token_dim <= 8"):
+        make_fm(narrow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_fm(wide)
+
+
+def test_saved_narrow_generator_loads_without_the_warning(tmp_path):
+    with pytest.warns(HeadBottleneckWarning):
+        _, fm = make_fm(GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=4))
+    fm.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        funcmem.FunctionalMemory.from_pretrained(tmp_path, TinyTransformer())
+
+
+def test_configs_written_before_the_design_options_load_as_the_format():
+    old = {"d_model": 32, "depth": 2, "head_dim": 8, "token_dim": 16, "dim_accumulation": 2, "mlp_ratio": 4,
+           "rope_theta": 10000.0, "checkpointing": False, "attention": "factorized"}
+    cfg = GeneratorConfig.from_dict(old)
+    assert {k: getattr(cfg, k) for k in FORMAT_DESIGN} == FORMAT_DESIGN
+
+
+DESIGNS = [dict(), dict(head="slot"), dict(head="layer_slot"), dict(basis=3), dict(modulation=True),
+           dict(factor_init="lora")]
+
+
+@pytest.mark.parametrize("design", DESIGNS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "format")
+def test_padded_and_unpadded_conditions_give_the_same_lora(design):
+    """Key padding: a condition padded at the end with a mask is the unpadded condition."""
+    _, fm = make_fm(GeneratorConfig(**{**CFG.to_dict(), **design}))
+    with torch.no_grad():
+        for p in fm.generator.parameters():  # zero-initialised parts (B heads, basis, modulation) too
+            p.add_(0.05 * torch.randn_like(p))
+    short, long = torch.randn(1, 3, 12), torch.randn(1, 5, 12)
+    padded = torch.cat([torch.cat([short, 7 * torch.randn(1, 2, 12)], 1), long])  # junk in the padding
+    mask = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    with torch.no_grad():
+        got = fm.generate(padded, mask).flatten()
+        want = torch.cat([fm.generate(short).flatten(), fm.generate(long).flatten()])
+        unmasked = fm.generate(padded).flatten()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (unmasked[0] - want[0]).abs().max() > 1e-3  # without the mask the padding is read
+    with pytest.raises(ValueError, match="without any real condition token"):
+        fm.generate(padded, torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must be \(B, L\) = \(2, 5\)"):
+        fm.generate(padded, mask[:, :4])
+
+
+@pytest.mark.parametrize("design", DESIGNS[1:], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_design_starts_at_the_base_and_trains_every_weight(design):
+    base, fm = make_fm(GeneratorConfig(**{**CFG.to_dict(), **design}))
+    x, c, target = torch.randn(3, 5, 16), torch.randn(3, 7, 12), torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(fm(c, x), base(x))
+    opt = torch.optim.Adam(fm.generator.parameters(), lr=1e-2)
+    for _ in range(3):  # zero-initialised parts get gradient once what multiplies them has moved
+        opt.zero_grad()
+        ((fm(c, x) - target) ** 2).mean().backward()
+        opt.step()
+    no_grad = [n for n, p in fm.generator.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+def test_lora_factor_init_matches_a_lora_a_scale():
+    """factor_init="lora": generated A entries have the std of a Kaiming-uniform A (1/sqrt(3 fan_in))."""
+    cfg = GeneratorConfig(d_model=64, depth=1, head_dim=16, token_dim=16, dim_accumulation=1, head="slot",
+                          factor_init="lora")
+    _, fm = make_fm(cfg)
+    with torch.no_grad():
+        lora = fm.generate(torch.randn(8, 4, 12))
+    for t in fm.targets:
+        a = lora.factors[t.name][0]
+        want = 1 / (3 * t.in_features) ** 0.5
+        assert 0.6 * want < a.std().item() < 1.6 * want, (t.name, a.std().item(), want)
+    _, hywu_init = make_fm(GeneratorConfig(**{**cfg.to_dict(), "factor_init": "hywu"}))
+    with torch.no_grad():
+        a = hywu_init.generate(torch.randn(8, 4, 12)).factors[fm.targets[0].name][0]
+    assert a.std().item() > 3 / (3 * fm.targets[0].in_features) ** 0.5  # the format's init: several times larger
+
+
+def test_trunk_parameters_are_the_format_generator_of_the_same_size():
+    _, plain = make_fm()
+    _, slot = make_fm(GeneratorConfig(**{**CFG.to_dict(), "head": "slot", "basis": 2, "modulation": True}))
+    assert plain.generator.count_trunk_parameters() == plain.generator.count_parameters()
+    assert slot.generator.count_trunk_parameters() == plain.generator.count_parameters()
+    assert slot.generator.count_parameters() > plain.generator.count_parameters()
+
+
+def test_rope_tables_give_the_pairwise_rotation():
+    from funcmem.generator import apply_rope, rope_angles, rope_tables
+
+    angles = rope_angles(torch.stack([torch.arange(6), torch.arange(6) * 2], 1), [4, 4], 10000.0)  # (6, 4)
+    x = torch.randn(2, 3, 6, 8)
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = angles.cos(), angles.sin()
+    want = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
+    assert torch.equal(apply_rope(x, rope_tables(angles)), want)

@@ -383,6 +383,32 @@ def test_funcmem_generators_the_format_cannot_hold(tmp_path):
                                                                mlp_ratio=2)).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match=r"generator\.mlp_ratio = 4"):
         convert_to_hywu(tmp_path / "m", tmp_path / "m_out")
+    for name, design in (("s", {"head": "slot"}), ("b", {"basis": 2}), ("d", {"modulation": True})):
+        field, value = next(iter(design.items()))
+        funcmem.FunctionalMemory(TinyTransformer(), ["fc2"], rank=4, condition_dim=8,
+                                 generator=funcmem.GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16,
+                                                                   **design)).save_pretrained(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"fixes generator\.{field} = .* cannot hold"):
+            convert_to_hywu(tmp_path / name, tmp_path / f"{name}_out")
+
+
+def test_format_path_builds_the_format_design_whatever_funcmem_defaults_are(monkeypatch, hywu_fixture):
+    """``funcmem.hywu`` passes the format's design explicitly: changed defaults for new generators
+    (here: every design option switched on) do not reach a HY-WU checkpoint."""
+    import dataclasses
+
+    from funcmem.generator import FORMAT_DESIGN, GeneratorConfig
+
+    @dataclasses.dataclass
+    class OtherDefaults(GeneratorConfig):
+        head: str = "slot"
+        basis: int = 3
+        modulation: bool = True
+        factor_init: str = "lora"
+
+    monkeypatch.setattr(funcmem.hywu, "GeneratorConfig", OtherDefaults)
+    cfg = funcmem.hywu.generator_config(funcmem.hywu.read_config(hywu_fixture))
+    assert {k: getattr(cfg, k) for k in FORMAT_DESIGN} == FORMAT_DESIGN
 
 
 class DiTLike(nn.Module):

@@ -18,6 +18,8 @@ where S = H*r/a and d = D/a. Factorized attention costs about N*S*(N+S) instead 
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,19 +32,36 @@ from .io import config_from_dict
 
 @dataclass
 class GeneratorConfig:
-    """Size of the parameter generator.
+    """Size and design of the parameter generator.
+
+    The format fields (HY-WU's) set the size; the design options after them are funcmem's own
+    (``funcmem.hywu`` builds the format's design: ``FORMAT_DESIGN``, and a checkpoint with other
+    values cannot be converted to the format).
 
     Args:
         d_model: generator width D.
         depth: number of blocks.
         head_dim: attention head width (heads = D / head_dim); a multiple of 4 (two rope axes).
-        token_dim: width T of one parameter token.
+        token_dim: width T of one parameter token. A generator row has d = D / dim_accumulation
+            numbers and the output head maps it to T: with d < T every generated T-chunk lies in
+            one (d + 1)-dimensional affine subspace, a bottleneck (``head_bottleneck``).
         dim_accumulation: a, how many rank rows fold into one generator token (divides rank).
         mlp_ratio: MLP hidden width / D.
         rope_theta: rotary base.
         checkpointing: recompute each block in backward (activation checkpointing).
         attention: "factorized" (HY-WU) or "full" (one attention over all N*S tokens, for
             measuring what factorization saves; not a checkpoint format).
+        head: output heads: "shared" (HY-WU: ``proj_out_A`` for every A token, ``proj_out_B``
+            for every B token), "slot" (one head per factor of each slot), "layer_slot" (one per
+            factor of each slot of each layer).
+        basis: J > 0 adds J learned LoRAs (in token space) mixed by the pooled condition:
+            tokens += sum_j w_j(c) U_j, the U_j's A tokens random at init (conditions start with
+            different A factors, as a bank's LoRAs do), their B tokens zero. 0: none (HY-WU).
+        modulation: scale and shift the cross-attention and MLP inputs of every block by the
+            pooled condition (adaLN, zero-initialised), besides the cross-attention.
+        factor_init: "hywu" (the A head at torch's Linear init: generated A entries about 10x a
+            LoRA's) or "lora" (A heads scaled so generated A starts at the Kaiming-uniform scale
+            of a LoRA's A for its fan-in).
     """
 
     d_model: int = 128
@@ -54,13 +73,57 @@ class GeneratorConfig:
     rope_theta: float = 10000.0
     checkpointing: bool = False
     attention: str = "factorized"
+    head: str = "shared"
+    basis: int = 0
+    modulation: bool = False
+    factor_init: str = "hywu"
+
+    def __post_init__(self):
+        checks = {"attention": ("factorized", "full"), "head": HEADS, "factor_init": ("hywu", "lora")}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GeneratorConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.basis < 0:
+            raise ValueError(f"GeneratorConfig.basis must be >= 0, got {self.basis}")
+
+    @property
+    def row_dim(self) -> int:
+        """d = D / a, the numbers per generator row that the head maps to a token row of T."""
+        return self.d_model // self.dim_accumulation
+
+    @property
+    def head_bottleneck(self) -> bool:
+        """True when d < T: the output head narrows (see ``token_dim``)."""
+        return self.row_dim < self.token_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
-        return config_from_dict(cls, d)
+        """A config from a dict; design fields it lacks (configs written before they existed)
+        take the format's design, so old checkpoints load as they were trained."""
+        return config_from_dict(cls, {**FORMAT_DESIGN, **d})
+
+
+HEADS = ("shared", "slot", "layer_slot")
+
+
+class HeadBottleneckWarning(UserWarning):
+    """A new generator whose rows are narrower than its tokens (``GeneratorConfig.head_bottleneck``)."""
+
+
+def check_head(config: GeneratorConfig, stacklevel: int = 3) -> None:
+    """Warn (``HeadBottleneckWarning``) when d = d_model / dim_accumulation < token_dim."""
+    if config.head_bottleneck:
+        d, t = config.row_dim, config.token_dim
+        warnings.warn(f"generator rows have d_model / dim_accumulation = {d} numbers but tokens token_dim = {t}: "
+                      f"every generated {t}-chunk of every factor lies in one {d + 1}-dimensional affine subspace; "
+                      f"choose token_dim <= {d} (or a wider d_model or a smaller dim_accumulation)",
+                      HeadBottleneckWarning, stacklevel=stacklevel)
+# The HY-WU format's design (``funcmem.hywu`` builds exactly this).
+FORMAT_DESIGN = {"mlp_ratio": 4, "rope_theta": 10000.0, "attention": "factorized", "head": "shared", "basis": 0,
+                 "modulation": False, "factor_init": "hywu"}
 
 
 # ---------------------------------------------------------------- rotary positions
@@ -75,11 +138,22 @@ def rope_angles(positions: Tensor, widths: list[int], theta: float) -> Tensor:
     return torch.cat(parts, dim=-1).float()
 
 
-def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs of x (..., L, hd) by angles (L, hd/2)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos, signed sin) tables (L, hd) for ``apply_rope``: pair i of ``angles`` (L, hd/2) gives
+    channels 2i, 2i+1 the cosine (c, c) and the sine (-s, s)."""
     cos, sin = angles.cos(), angles.sin()
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+
+
+def apply_rope(x: Tensor, table: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate adjacent channel pairs of x (..., L, hd): (x0, x1) -> (x0 c - x1 s, x0 s + x1 c).
+
+    ``table`` is ``rope_tables(angles)``; computed as x * cos + swap(x) * signed_sin (the same
+    floats as the pairwise formula)."""
+    cos, sin = table
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 # ---------------------------------------------------------------- blocks
@@ -93,14 +167,15 @@ class Attention(nn.Module):
         self.heads, self.head_dim = dim // head_dim, head_dim
         self.W_q, self.W_k, self.W_v, self.W_o = (nn.Linear(dim, dim) for _ in range(4))
 
-    def forward(self, x: Tensor, context: Tensor, q_angles: Tensor, k_angles: Tensor) -> Tensor:
-        """x (B, Lq, D) attends to context (B, Lk, D) -> (B, Lq, D)."""
+    def forward(self, x: Tensor, context: Tensor, q_rope, k_rope, mask: Tensor | None = None) -> Tensor:
+        """x (B, Lq, D) attends to context (B, Lk, D) -> (B, Lq, D); mask (B, Lk) bool, True = a real key."""
         def heads(t: Tensor) -> Tensor:  # (B, L, D) -> (B, h, L, hd)
             return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-        q = apply_rope(heads(self.W_q(x)), q_angles)
-        k = apply_rope(heads(self.W_k(context)), k_angles)
-        out = F.scaled_dot_product_attention(q, k, heads(self.W_v(context)))
+        q = apply_rope(heads(self.W_q(x)), q_rope)
+        k = apply_rope(heads(self.W_k(context)), k_rope)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, heads(self.W_v(context)), attn_mask=attn_mask)
         return self.W_o(out.transpose(1, 2).flatten(2))
 
 
@@ -114,9 +189,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: layer attention, within-layer attention, cross-attention, MLP."""
+    """Pre-norm block: layer attention, within-layer attention, cross-attention, MLP.
 
-    def __init__(self, dim: int, head_dim: int, mlp_ratio: int, full_attention: bool = False):
+    With ``modulation`` the cross-attention's and the MLP's normalised inputs are scaled and
+    shifted by the pooled condition: ``norm(x) * (1 + scale(p)) + shift(p)`` (zero-initialised).
+    """
+
+    def __init__(self, dim: int, head_dim: int, mlp_ratio: int, full_attention: bool = False,
+                 modulation: bool = False):
         super().__init__()
         self.full_attention = full_attention
         self.norm1, self.norm2, self.norm3, self.norm4 = (nn.RMSNorm(dim, eps=1e-6) for _ in range(4))
@@ -124,57 +204,87 @@ class Block(nn.Module):
         self.self_attn_hw = Attention(dim, head_dim)
         self.self_attn_cross = Attention(dim, head_dim)
         self.feed_forward = FeedForward(dim, mlp_ratio * dim)
+        if modulation:
+            self.modulation = nn.Linear(dim, 4 * dim)
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x: Tensor, c: Tensor, rope: dict[str, Tensor]) -> Tensor:
-        """x (B, N, S, D), c (B, L, D) -> (B, N, S, D)."""
+    def forward_self(self, x: Tensor, rope: dict) -> Tensor:
+        """The condition-independent half: attention across layers and within each layer.
+        x (B, N, S, D) -> (B, N, S, D)."""
         b, n, s, d = x.shape
         if self.full_attention:  # one attention over all N*S tokens, then nothing within a layer
             h = self.norm1(x).reshape(b, n * s, d)
-            x = x + self.self_attn_n(h, h, rope["cross_q"], rope["cross_q"]).view(b, n, s, d)
+            return x + self.self_attn_n(h, h, rope["cross_q"], rope["cross_q"]).view(b, n, s, d)
+        h = self.norm1(x).transpose(1, 2).reshape(b * s, n, d)  # across layers, per position
+        x = x + self.self_attn_n(h, h, rope["n"], rope["n"]).view(b, s, n, d).transpose(1, 2)
+        h = self.norm2(x).reshape(b * n, s, d)  # across positions, per layer
+        return x + self.self_attn_hw(h, h, rope["hw"], rope["hw"]).view(b, n, s, d)
+
+    def forward_condition(self, x: Tensor, c: Tensor, rope: dict, mask: Tensor | None = None,
+                          pooled: Tensor | None = None) -> Tensor:
+        """The half that reads the condition: cross-attention to c (B, L, D), then the MLP."""
+        b, n, s, d = x.shape
+        if hasattr(self, "modulation"):
+            s3, t3, s4, t4 = self.modulation(F.silu(pooled))[:, None, None].chunk(4, -1)  # (B, 1, 1, D) each
+            h3, h4 = lambda z: self.norm3(z) * (1 + s3) + t3, lambda z: self.norm4(z) * (1 + s4) + t4
         else:
-            h = self.norm1(x).transpose(1, 2).reshape(b * s, n, d)  # across layers, per position
-            x = x + self.self_attn_n(h, h, rope["n"], rope["n"]).view(b, s, n, d).transpose(1, 2)
-            h = self.norm2(x).reshape(b * n, s, d)  # across positions, per layer
-            x = x + self.self_attn_hw(h, h, rope["hw"], rope["hw"]).view(b, n, s, d)
-        h = self.norm3(x).reshape(b, n * s, d)
-        x = x + self.self_attn_cross(h, c, rope["cross_q"], rope["cross_k"]).view(b, n, s, d)
-        return x + self.feed_forward(self.norm4(x))
+            h3, h4 = self.norm3, self.norm4
+        h = h3(x).reshape(b, n * s, d)
+        x = x + self.self_attn_cross(h, c, rope["cross_q"], rope["cross_k"], mask).view(b, n, s, d)
+        return x + self.feed_forward(h4(x))
+
+    def forward(self, x: Tensor, c: Tensor, rope: dict, mask: Tensor | None = None,
+                pooled: Tensor | None = None) -> Tensor:
+        """x (B, N, S, D), c (B, L, D) -> (B, N, S, D)."""
+        return self.forward_condition(self.forward_self(x, rope), c, rope, mask, pooled)
 
 
 class _Trunk(nn.Module):
-    """Holds the weights named ``model.*`` in the format."""
+    """Holds the weights named ``model.*`` in the format (and funcmem's own heads beside them)."""
 
-    def __init__(self, cfg: GeneratorConfig, num_layers: int, positions: int):
+    def __init__(self, cfg: GeneratorConfig, num_layers: int, positions: int, groups: int):
         super().__init__()
-        d, full = cfg.d_model // cfg.dim_accumulation, cfg.attention == "full"
+        d, full = cfg.row_dim, cfg.attention == "full"
         self.norm_input = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.hw_pos = nn.Embedding(positions, d)
         self.layer_pos = nn.Embedding(num_layers, d)
         self.norm_tokens = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.head_dim, cfg.mlp_ratio, full) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.head_dim, cfg.mlp_ratio, full, cfg.modulation)
+                                    for _ in range(cfg.depth))
         self.norm_final = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.proj_out_A = nn.Linear(d, cfg.token_dim)
-        self.proj_out_B = nn.Linear(d, cfg.token_dim)
+        if cfg.head == "shared":
+            self.proj_out_A = nn.Linear(d, cfg.token_dim)
+            self.proj_out_B = nn.Linear(d, cfg.token_dim)
+        else:  # one Linear(d -> T) per group (factor of a slot), per layer with "layer_slot"
+            copies = num_layers if cfg.head == "layer_slot" else 1
+            bound = 1 / math.sqrt(d)  # nn.Linear's init
+            self.head_weight = nn.Parameter(torch.empty(copies, groups, d, cfg.token_dim).uniform_(-bound, bound))
+            self.head_bias = nn.Parameter(torch.empty(copies, groups, cfg.token_dim).uniform_(-bound, bound))
 
 
 class ParameterGenerator(nn.Module):
     """Condition -> LoRA tokens.
 
     Args:
-        config: generator size.
+        config: generator size and design.
         input_dim: width of the condition vectors.
         num_layers: N, base layers that receive LoRA.
         tokens_per_layer: H, parameter tokens per layer.
         a_tokens: H_A, how many of a layer's tokens are A factors (they use ``proj_out_A``).
         rank: LoRA rank r.
+        token_groups: (H,) the head group of each token of a layer, for ``head`` "slot" and
+            "layer_slot" (the layout's ``token_groups()``: one group per factor of each slot);
+            default: A tokens group 0, B tokens group 1. Groups of B tokens start at zero.
 
     Shape:
         condition: (B, L, input_dim), (B, input_dim) or (B, 1, L, input_dim).
+        mask: optional (B, L) bool, True for real condition tokens (padding is not attended to).
         output: (B, N, H, r, token_dim).
     """
 
     def __init__(self, config: GeneratorConfig, input_dim: int, num_layers: int, tokens_per_layer: int,
-                 a_tokens: int, rank: int):
+                 a_tokens: int, rank: int, token_groups: list[int] | None = None):
         super().__init__()
         cfg = config
         if cfg.d_model % cfg.head_dim or cfg.head_dim % 4:
@@ -182,27 +292,74 @@ class ParameterGenerator(nn.Module):
                              "and head_dim a multiple of 4")
         if rank % cfg.dim_accumulation or cfg.d_model % cfg.dim_accumulation:
             raise ValueError(f"dim_accumulation ({cfg.dim_accumulation}) must divide rank ({rank}) and d_model")
-        if cfg.attention not in ("factorized", "full"):
-            raise ValueError(f"attention must be 'factorized' or 'full', got {cfg.attention!r}")
+        groups = list(token_groups) if token_groups is not None else [0] * a_tokens + [1] * (tokens_per_layer - a_tokens)
+        if len(groups) != tokens_per_layer:
+            raise ValueError(f"token_groups has {len(groups)} entries for {tokens_per_layer} tokens per layer")
         self.config, self.input_dim, self.rank = cfg, input_dim, rank
         self.num_layers, self.tokens_per_layer, self.a_tokens = num_layers, tokens_per_layer, a_tokens
         self.hidden_in = nn.Linear(input_dim, cfg.d_model)
-        self.model = _Trunk(cfg, num_layers, tokens_per_layer * rank)
+        self.model = _Trunk(cfg, num_layers, tokens_per_layer * rank, max(groups) + 1)
+        self.register_buffer("token_groups", torch.tensor(groups, dtype=torch.long), persistent=False)
+        if cfg.basis:
+            self.basis_coef = nn.Linear(cfg.d_model, cfg.basis)
+            self.basis = nn.Parameter(torch.zeros(cfg.basis, num_layers, tokens_per_layer, rank, cfg.token_dim))
+        self._rope_cache: dict = {}
         self._init_weights()
 
     def _init_weights(self):
         for p in (self.model.hw_pos.weight, self.model.layer_pos.weight):
             nn.init.normal_(p, std=0.02)
+        if self.config.basis:
+            # Mixing weights of about unit norm; the basis's A tokens random at the A head's output
+            # scale (std 1/sqrt(3)), so that conditions start with different A factors, as the LoRAs
+            # of a bank do; its B tokens zero (the base at step 0).
+            with torch.no_grad():
+                self.basis_coef.weight.mul_(math.sqrt(3 / self.config.basis))
+                self.basis[:, :, : self.a_tokens].normal_(std=1 / math.sqrt(3))
         # B starts at zero, as LoRA's B: the mounted base equals the base at step 0.
-        nn.init.zeros_(self.model.proj_out_B.weight)
-        nn.init.zeros_(self.model.proj_out_B.bias)
+        if self.config.head == "shared":
+            nn.init.zeros_(self.model.proj_out_B.weight)
+            nn.init.zeros_(self.model.proj_out_B.bias)
+        else:
+            b_groups = self.token_groups[self.a_tokens:].unique()
+            with torch.no_grad():
+                self.model.head_weight[:, b_groups] = 0
+                self.model.head_bias[:, b_groups] = 0
+
+    @torch.no_grad()
+    def init_factor_scale(self, a_fan_in: dict[int, float]) -> None:
+        """Scale the A heads so generated A entries start at a LoRA A's Kaiming-uniform scale.
+
+        Args:
+            a_fan_in: {head group: fan-in of the A factors it writes}; for the shared head one
+                entry (group 0) with an effective fan-in for all A factors.
+
+        Head outputs have std ~ 1/sqrt(3) (unit-RMS rows, torch's Linear init); a Kaiming-uniform
+        A row of fan-in f has std 1/sqrt(3 f): the head is scaled by 1/sqrt(f).
+        """
+        for group, fan_in in a_fan_in.items():
+            factor = 1 / math.sqrt(fan_in)
+            if self.config.basis:  # the basis's A tokens of this group (all A tokens for the shared head)
+                tokens = (torch.arange(self.a_tokens) if self.config.head == "shared"
+                          else (self.token_groups == group).nonzero().flatten())
+                self.basis[:, :, tokens] *= factor
+            if self.config.head == "shared":
+                self.model.proj_out_A.weight.mul_(factor)
+                self.model.proj_out_A.bias.mul_(factor)
+            else:
+                self.model.head_weight[:, group] *= factor
+                self.model.head_bias[:, group] *= factor
 
     @property
     def tokens_per_position(self) -> int:
         """S, generator tokens per layer."""
         return self.tokens_per_layer * self.rank // self.config.dim_accumulation
 
-    def _rope(self, cond_len: int, device) -> dict[str, Tensor]:
+    def _rope(self, cond_len: int, device) -> dict[str, tuple[Tensor, Tensor]]:
+        """Rope tables of every attention, cached per condition length and device."""
+        key = (cond_len, str(device))
+        if key in self._rope_cache:
+            return self._rope_cache[key]
         cfg, n, s = self.config, self.num_layers, self.tokens_per_position
         grid_h, grid_w = self.tokens_per_layer, self.rank // cfg.dim_accumulation
         half = [cfg.head_dim // 2] * 2
@@ -214,7 +371,11 @@ class ParameterGenerator(nn.Module):
                   "hw": rope_angles(hw_pos, half, cfg.rope_theta),
                   "cross_q": rope_angles(q_pos, half, cfg.rope_theta),
                   "cross_k": rope_angles(k_pos, half, cfg.rope_theta)}
-        return {k: v.to(device) for k, v in angles.items()}
+        tables = {k: tuple(t.to(device) for t in rope_tables(v)) for k, v in angles.items()}
+        if len(self._rope_cache) > 64:  # many condition lengths: keep the cache small
+            self._rope_cache.clear()
+        self._rope_cache[key] = tables
+        return tables
 
     def query_tokens(self) -> Tensor:
         """Learned queries (N, S, D): hw_pos + layer_pos, a rows folded into each token."""
@@ -222,29 +383,62 @@ class ParameterGenerator(nn.Module):
         pos = m.hw_pos.weight[None] + m.layer_pos.weight[:, None]  # (N, H*r, d)
         return m.norm_tokens(pos.reshape(self.num_layers, self.tokens_per_position, a * pos.shape[-1]))
 
-    def forward(self, condition: Tensor) -> Tensor:
+    def forward(self, condition: Tensor, mask: Tensor | None = None) -> Tensor:
         if condition.dim() == 4 and condition.shape[1] == 1:
             condition = condition.squeeze(1)
         if condition.dim() == 2:
             condition = condition[:, None]
         if condition.dim() != 3 or condition.shape[-1] != self.input_dim:
             raise ValueError(f"condition must be (B, L, {self.input_dim}), got {tuple(condition.shape)}")
+        if mask is not None and (mask.shape != condition.shape[:2] or mask.dtype != torch.bool):
+            raise ValueError(f"mask must be a bool tensor {tuple(condition.shape[:2])} (B, L), got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
         m, b = self.model, condition.shape[0]
         c = m.norm_input(self.hidden_in(condition))  # (B, L, D)
-        x = self.query_tokens().expand(b, -1, -1, -1)  # (B, N, S, D)
+        pooled = None
+        if self.config.modulation or self.config.basis:  # mean over real condition tokens (B, D)
+            w = torch.ones(c.shape[:2], device=c.device, dtype=c.dtype) if mask is None else mask.to(c.dtype)
+            pooled = (c * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         rope = self._rope(condition.shape[1], condition.device)
-        for block in m.blocks:
-            if self.config.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, rope, use_reentrant=False)
+        x = self.query_tokens()[None]  # (1, N, S, D): block 0's self-attention is the same for every sample
+        for i, block in enumerate(m.blocks):
+            ckpt = self.config.checkpointing and torch.is_grad_enabled()
+            if i == 0:
+                x = block.forward_self(x, rope).expand(b, -1, -1, -1)
+                x = (checkpoint(block.forward_condition, x, c, rope, mask, pooled, use_reentrant=False) if ckpt
+                     else block.forward_condition(x, c, rope, mask, pooled))
             else:
-                x = block(x, c, rope)
+                x = (checkpoint(block, x, c, rope, mask, pooled, use_reentrant=False) if ckpt
+                     else block(x, c, rope, mask, pooled))
         x = m.norm_final(x)
         rows = x.reshape(b, self.num_layers, self.tokens_per_layer, self.rank, -1)  # (B, N, H, r, d)
-        h_a = self.a_tokens
-        return torch.cat([m.proj_out_A(rows[:, :, :h_a]), m.proj_out_B(rows[:, :, h_a:])], dim=2)
+        tokens = self._heads(rows)
+        if self.config.basis:
+            coef = self.basis_coef(pooled)  # (B, J)
+            tokens = tokens + (coef @ self.basis.flatten(1)).view_as(tokens)
+        return tokens
+
+    def _heads(self, rows: Tensor) -> Tensor:
+        """Rows (B, N, H, r, d) -> tokens (B, N, H, r, T)."""
+        m = self.model
+        if self.config.head == "shared":
+            h_a = self.a_tokens
+            return torch.cat([m.proj_out_A(rows[:, :, :h_a]), m.proj_out_B(rows[:, :, h_a:])], dim=2)
+        w = m.head_weight[:, self.token_groups]  # (1 or N, H, d, T)
+        bias = m.head_bias[:, self.token_groups]  # (1 or N, H, T)
+        return torch.einsum("bnhrd,nhdt->bnhrt", rows, w.expand(self.num_layers, -1, -1, -1)) + bias[:, :, None]
 
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def count_trunk_parameters(self) -> int:
+        """Parameters of the format's generator of the same size (the trunk); what funcmem's own
+        design options add (heads beyond the two shared ones, the basis, the modulation) is the rest."""
+        own = sum(p.numel() for name, p in self.named_parameters()
+                  if name.startswith(("model.head_", "basis")) or ".modulation." in name)
+        if self.config.head != "shared":
+            own -= 2 * (self.config.row_dim + 1) * self.config.token_dim
+        return self.count_parameters() - own
 
 
 def attention_flops(num_layers: int, positions: int, d_model: int, full: bool) -> int:

@@ -1,6 +1,7 @@
 """Guards at funcmem's boundaries: what goes into a generator, and what comes out of it.
 
     check_condition(condition, dim, like)  -> condition (B, L, dim), or a clear error
+    check_mask(mask, condition)            -> key-padding mask (B, L) bool, or a clear error
     LoRAGuard()(lora, weight_norms)        -> lora with each update's norm bounded, or NonFiniteLoRAError
 
 A generated LoRA can blow up a frozen base: one sample whose factors are huge (or NaN) changes
@@ -76,6 +77,27 @@ def check_condition(condition, dim: int, like: Tensor | None = None) -> Tensor:
 
 
 # ---------------------------------------------------------------- outputs
+
+
+def check_mask(mask, condition: Tensor) -> Tensor:
+    """Validate a condition's key-padding mask: (B, L) bool (True = a real token), matching the
+    checked condition (B, L, dim), with at least one real token per sample. Returns it on the
+    condition's device.
+
+    Raises:
+        TypeError: not a bool tensor.
+        ValueError: another shape, or a sample whose tokens are all padding.
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (B, L), got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.dim() == 3 and mask.shape[1] == 1:  # (B, 1, L), beside a (B, 1, L, dim) condition
+        mask = mask.squeeze(1)
+    if tuple(mask.shape) != tuple(condition.shape[:2]):
+        raise ValueError(f"mask must be (B, L) = {tuple(condition.shape[:2])} like the condition, got {tuple(mask.shape)}")
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"mask leaves samples {empty[:10]} without any real condition token")
+    return mask.to(condition.device)
 
 
 def update_norms(lora: LoRA) -> dict[str, Tensor]:

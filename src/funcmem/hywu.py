@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config_checks import check_hywu_values, integer
-from .generator import GeneratorConfig, ParameterGenerator
+from .generator import FORMAT_DESIGN, GeneratorConfig, HeadBottleneckWarning, ParameterGenerator
 from .io import (atomic_directory, load_safetensors_dir, read_json, read_safetensors, safetensors_dir_shapes,
                  write_json, write_safetensors)
 from .lora import LoRA
@@ -37,8 +38,8 @@ from .version import __version__
 REQUIRED = ("token_dim", "rank", "alpha", "input_dim", "d_model", "head_dim", "dim_accumulation",
             "num_base_model_layers", "num_pg_layers", "prefix", "pg_mapping")
 WEIGHTS_NAME = "model.safetensors"
-# what the format fixes and funcmem's GeneratorConfig leaves free
-FIXED_GENERATOR = {"mlp_ratio": 4, "rope_theta": 10000.0, "attention": "factorized"}
+# what the format fixes and funcmem's GeneratorConfig leaves free (its initialisation is no part of a checkpoint)
+FIXED_GENERATOR = {k: v for k, v in FORMAT_DESIGN.items() if k != "factor_init"}
 
 
 # ---------------------------------------------------------------- config
@@ -104,9 +105,11 @@ def layout_from_config(config: dict) -> TokenLayout:
 
 
 def generator_config(config: dict) -> GeneratorConfig:
-    """funcmem's generator size for a HY-WU config."""
+    """funcmem's generator for a HY-WU config: its size, and the format's design (``FORMAT_DESIGN``)
+    whatever funcmem's defaults for new generators are."""
     return GeneratorConfig(d_model=config["d_model"], depth=config["num_pg_layers"], head_dim=config["head_dim"],
-                           token_dim=config["token_dim"], dim_accumulation=config["dim_accumulation"])
+                           token_dim=config["token_dim"], dim_accumulation=config["dim_accumulation"],
+                           **FORMAT_DESIGN)
 
 
 def read_config(path: str | Path) -> dict:
@@ -252,8 +255,10 @@ def from_pretrained(path: str | Path, base: nn.Module, dtype: torch.dtype = torc
     state = load_safetensors_dir(path)
     grid = grid_from_config(config)
     names = [f"{layer}.{slot}" for layer in grid["layers"] for slot in grid["slots"]]
-    fm = FunctionalMemory(base, exact(names), config["rank"], config["alpha"], config["input_dim"],
-                          generator_config(config), grid=grid)
+    with warnings.catch_warnings():  # the checkpoint's shape is decided: no advice on it
+        warnings.simplefilter("ignore", HeadBottleneckWarning)
+        fm = FunctionalMemory(base, exact(names), config["rank"], config["alpha"], config["input_dim"],
+                              generator_config(config), grid=grid)
     fm.generator.load_state_dict(state)
     fm.generator.to(dtype)
     return fm
@@ -321,14 +326,15 @@ def hywu_config(config: dict) -> OrderedDict:
 
     Needs layers named ``{prefix}0 .. {prefix}N-1``, every layer with every slot at the same
     shape, no Conv2d targets, and a generator of the format's fixed kind (mlp_ratio 4, rope theta
-    10000, factorized attention); anything else is a ``ValueError`` naming it. A ``hywu_config``
+    10000, factorized attention, the two shared output heads, no basis, no modulation:
+    ``FIXED_GENERATOR``); anything else is a ``ValueError`` naming it and why. A ``hywu_config``
     kept by ``convert_to_funcmem`` is returned as written, after checking it agrees.
     """
     gen = GeneratorConfig.from_dict(config["generator"])
     for field, value in FIXED_GENERATOR.items():
         if getattr(gen, field) != value:
             raise ValueError(f"the HY-WU format fixes generator.{field} = {value!r}; this generator has "
-                             f"{getattr(gen, field)!r}")
+                             f"{getattr(gen, field)!r}, which the format's weights cannot hold")
     targets = [Target(name, *sig) for name, sig in config["resolved_targets"].items()]
     by_name = {t.name: t for t in targets}
     if config.get("grid"):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from torch import Tensor, nn
 from . import mount
 from .diffusers_io import export_diffusers
 from .config_checks import check_fits, check_funcmem_config
-from .generator import GeneratorConfig, ParameterGenerator
-from .guard import LoRAGuard, check_condition
+from .generator import GeneratorConfig, HeadBottleneckWarning, ParameterGenerator, check_head
+from .guard import LoRAGuard, check_condition, check_mask
 from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
 from .peft_io import export_peft, read_peft
@@ -185,22 +186,63 @@ class FunctionalMemory(_Mountable):
         self.grid = None if grid is None else {"layers": list(grid["layers"]), "slots": list(grid["slots"])}
         self.layout = (TokenLayout.from_targets(self.targets, rank, self.generator_config.token_dim) if grid is None
                        else grid_layout(self.targets, self.grid, rank, self.generator_config.token_dim))
-        self.generator = ParameterGenerator(self.generator_config, condition_dim, self.layout.num_layers,
-                                            self.layout.tokens_per_layer, self.layout.h_a, rank)
+        gcfg = self.generator_config
+        check_head(gcfg)  # a warning: loading a saved generator silences it (its shape is decided)
+        groups = None if gcfg.head == "shared" else self.layout.token_groups()
+        self.generator = ParameterGenerator(gcfg, condition_dim, self.layout.num_layers,
+                                            self.layout.tokens_per_layer, self.layout.h_a, rank, groups)
+        if gcfg.factor_init == "lora":
+            self.generator.init_factor_scale(self._a_fan_in())
         self.guard: LoRAGuard | None = LoRAGuard()  # bounds each update, refuses NaN/Inf; None: off
         self._norm_cache: dict[str, tuple[tuple, float]] = {}
+        self._shuffle = False
 
-    def generate(self, condition: Tensor) -> LoRA:
+    def _a_fan_in(self) -> dict[int, float]:
+        """Fan-in of the A factors each head group writes (``ParameterGenerator.init_factor_scale``):
+        per slot the mean over layers; for the shared head one effective fan-in f with
+        1/f = the element-weighted mean of 1/fan-in over all A factors."""
+        by_slot: dict[int, list[tuple[int, int]]] = {}
+        for e in self.layout.entries:
+            by_slot.setdefault(e.slot, []).append((e.a_shape[-1], math.prod(e.a_shape)))
+        if self.generator_config.head == "shared":
+            pairs = [p for ps in by_slot.values() for p in ps]
+            return {0: sum(n for _, n in pairs) / sum(n / f for f, n in pairs)}
+        return {slot: sum(f for f, _ in ps) / len(ps) for slot, ps in by_slot.items()}
+
+    def generate(self, condition: Tensor, mask: Tensor | None = None) -> LoRA:
         """condition (B, L, condition_dim) -> per-sample LoRA (batch B), checked by ``self.guard``.
+
+        Args:
+            condition: (B, L, condition_dim) or (B, condition_dim).
+            mask: optional (B, L) bool, True for real condition tokens: padding is not attended to,
+                so a padded condition gives the LoRA of the unpadded one.
 
         Raises:
             TypeError / ValueError: a condition of the wrong type, rank, width, device, or with
-                NaN/Inf (``guard.check_condition``).
+                NaN/Inf (``guard.check_condition``); a mask of another shape, or with a sample
+                that has no real token.
             NonFiniteLoRAError: the generated factors hold NaN or Inf.
         """
         condition = check_condition(condition, self.condition_dim, next(self.generator.parameters()))
-        lora = self.layout.detokenize(self.generator(condition), self.scale)
+        if mask is not None:
+            mask = check_mask(mask, condition)
+        if self._shuffle and condition.shape[0] > 1:  # each sample gets its neighbour's condition
+            condition = condition.roll(1, 0)
+            mask = None if mask is None else mask.roll(1, 0)
+        lora = self.layout.detokenize(self.generator(condition, mask), self.scale)
         return lora if self.guard is None else self.guard(lora, self._weight_norms())
+
+    @contextmanager
+    def shuffled_conditions(self):
+        """Inside the block ``generate`` gives every sample the condition of another sample of the
+        batch (its neighbour: a permutation without fixed points). The loss inside minus the
+        loss outside is the routing margin (``Trainer`` logs it): near zero, the generator ignores
+        its condition."""
+        previous, self._shuffle = self._shuffle, True
+        try:
+            yield
+        finally:
+            self._shuffle = previous
 
     def _weight_norms(self) -> dict[str, float]:
         """||W||_F of every target weight, recomputed only when the weight changed (``_version``)."""
@@ -214,9 +256,10 @@ class FunctionalMemory(_Mountable):
             norms[name] = cached[1]
         return norms
 
-    def forward(self, condition: Tensor, *args, **kwargs):
-        """Generate, mount and call the base: ``base(*args, **kwargs)`` with per-sample LoRA."""
-        with self.mounted(self.generate(condition)):
+    def forward(self, condition: Tensor, *args, condition_mask: Tensor | None = None, **kwargs):
+        """Generate, mount and call the base: ``base(*args, **kwargs)`` with per-sample LoRA
+        (``condition_mask``: ``generate``'s mask)."""
+        with self.mounted(self.generate(condition, condition_mask)):
             return self.base(*args, **kwargs)
 
     def config(self) -> dict:
@@ -236,8 +279,10 @@ class FunctionalMemory(_Mountable):
         config = read_config(path, "FunctionalMemory")
         check_targets(base, config, path)
         check_fits(generator_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
-        fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
-                 GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
+        with warnings.catch_warnings():  # a saved generator's shape is decided: no advice on it
+            warnings.simplefilter("ignore", HeadBottleneckWarning)
+            fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
+                     GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
         load_weights(fm.generator, path)
         return fm
 

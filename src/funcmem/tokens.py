@@ -89,16 +89,32 @@ class TokenLayout:
                 tokens[:, e.layer, offset : offset + count] = flat.view(n, count, chunk)
         return tokens.view(n, self.num_layers, self.tokens_per_layer, self.rank, self.token_dim)
 
+    def token_groups(self) -> list[int]:
+        """(H,) head group of each token of a layer: slot k's A tokens are group k, its B tokens
+        group K + k (K slots), for generators with one output head per factor of a slot."""
+        k = len(self.slot_names)
+        return ([s for s in range(k) for _ in range(self.a_tokens[s])]
+                + [k + s for s in range(k) for _ in range(self.b_tokens[s])])
+
     def detokenize(self, tokens: Tensor, scale: float) -> LoRA:
-        """Tokens (n, N, H, r, T) -> LoRA with the layout's factor shapes (differentiable)."""
+        """Tokens (n, N, H, r, T) -> LoRA with the layout's factor shapes (differentiable).
+
+        Each layer's tokens are split once into its parameters' spans (A of every slot, then B),
+        and each span's head is the parameter (the rest is padding)."""
         expected = (self.num_layers, self.tokens_per_layer, self.rank, self.token_dim)
         if tokens.dim() != 5 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"tokens must be (n, {', '.join(map(str, expected))}), got {tuple(tokens.shape)}")
-        n = tokens.shape[0]
+        n, chunk = tokens.shape[0], self.rank * self.token_dim
+        sizes = [c * chunk for c in (*self.a_tokens, *self.b_tokens)]
+        layers = tokens.reshape(n, self.num_layers, -1).unbind(1)  # N x (n, H*r*T)
+        spans = {}
         factors = {}
         for e in self.entries:
-            a, b = (tokens[:, e.layer, offset : offset + count].reshape(n, -1)[:, : math.prod(shape)].reshape(n, *shape)
-                    for offset, count, shape in self._spans(e))
+            if e.layer not in spans:
+                spans[e.layer] = layers[e.layer].split(sizes, dim=1)
+            k = len(self.slot_names)
+            a, b = (spans[e.layer][i][:, : math.prod(shape)].reshape(n, *shape)
+                    for i, shape in ((e.slot, e.a_shape), (k + e.slot, e.b_shape)))
             factors[e.name] = (a, b)
         return LoRA(factors, scale)
 
