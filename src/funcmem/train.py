@@ -52,6 +52,14 @@ class TrainConfig:
         max_skipped_steps: a step whose generated LoRA, loss or gradient is NaN/Inf is skipped
             (the step counts, the weights and AdamW state do not move; ``skipped_steps`` in the
             metrics); more skips than this in one run raise ``FloatingPointError`` (0: the first).
+        routing_margin: at every logged step of a module that holds a ``FunctionalMemory``, also
+            log ``routing_margin`` = the loss with the batch's conditions shuffled (each sample
+            gets another's) minus the true loss, both without gradient, before the step.
+        collapse_tolerance, collapse_logs: warn once (``CollapseWarning``) when ``routing_margin``
+            stays below ``collapse_tolerance`` x the loss for ``collapse_logs`` logged steps in a
+            row after warm-up (past ``warmup_steps`` and a fifth of ``steps``: a generator starts
+            at the base, where every condition gives the same, zero, update): the generator has
+            likely collapsed to one condition-independent LoRA.
     """
 
     steps: int = 1000
@@ -70,6 +78,9 @@ class TrainConfig:
     distributed: str = "auto"
     shard_batch: bool = True
     max_skipped_steps: int = 10
+    routing_margin: bool = True
+    collapse_tolerance: float = 0.01
+    collapse_logs: int = 3
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -122,6 +133,9 @@ class Trainer:
         self.skipped = 0  # steps skipped for a non-finite LoRA, loss or gradient
         self.history: list[dict] = []
         self.ddp = distributed.wrap_ddp(module, loss_fn) if self.mode == "ddp" else None
+        self.memory = _functional_memory(module) if self.config.routing_margin else None
+        self._flat_margins = 0  # logged steps in a row with a margin near zero (after warm-up)
+        self.collapse_warned = False
 
     # -------------------------------------------------------------- checkpoints
 
@@ -199,6 +213,7 @@ class Trainer:
         for group, scale in zip(self.optimizer.param_groups, self.lr_scales):
             group["lr"] = cfg.lr * scale * lr_factor(self.step, cfg)
         dtype = _autocast_dtype(cfg.precision, device)
+        margin_rng = _rng_state(device) if self.memory is not None and self._logs_next_step() else None
         try:
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 out = self.ddp(batch) if self.ddp is not None else self.loss_fn(self.module, batch)
@@ -207,7 +222,12 @@ class Trainer:
                 raise
             return self._skip(f"{e}")
         loss, extra = out if isinstance(out, tuple) else (out, {})
+        if margin_rng is not None:
+            extra = {**extra, "shuffled_loss": self._shuffled_loss(batch, device, dtype, margin_rng)}
         value, extra = distributed.mean_metrics(loss, extra)  # over ranks: all see the same value
+        if "shuffled_loss" in extra:
+            extra["routing_margin"] = extra.pop("shuffled_loss") - value
+            self._watch_collapse(extra["routing_margin"], value)
         if not math.isfinite(value):
             return self._skip(f"loss is {value}", value)
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,6 +242,39 @@ class Trainer:
         return {"step": self.step, "loss": value, "grad_norm": norm.item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped, **self._guard_counts(),
                 **extra}
+
+    def _logs_next_step(self) -> bool:
+        step = self.step + 1
+        return step % self.config.log_every == 0 or step == self.config.steps
+
+    @torch.no_grad()
+    def _shuffled_loss(self, batch, device: torch.device, dtype, rng: tuple) -> float:
+        """The loss with every sample given another sample's condition (no gradient), with the
+        random numbers the true loss drew (a loss that samples noise compares like with like);
+        the RNG state afterwards is as if this never ran. NaN when the shuffled LoRA is not finite."""
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            _set_rng_state(rng, device)
+            try:
+                with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None), \
+                        self.memory.shuffled_conditions():
+                    out = self.loss_fn(self.module, batch)
+            except NonFiniteLoRAError:
+                return math.nan
+        return float((out[0] if isinstance(out, tuple) else out).detach())
+
+    def _watch_collapse(self, margin: float, loss: float) -> None:
+        """Warn once when the routing margin stays near zero after warm-up."""
+        cfg = self.config
+        if self.step + 1 <= max(cfg.warmup_steps, cfg.steps // 5) or not math.isfinite(margin):
+            return
+        self._flat_margins = self._flat_margins + 1 if margin < cfg.collapse_tolerance * abs(loss) else 0
+        if self._flat_margins >= cfg.collapse_logs and not self.collapse_warned:
+            self.collapse_warned = True
+            warnings.warn(f"routing margin {margin:.3g} (loss {loss:.3g}) has stayed below {cfg.collapse_tolerance:g} "
+                          f"x the loss for {self._flat_margins} logged steps at step {self.step + 1}: the generator's "
+                          "LoRA barely depends on its condition (it may have collapsed to one LoRA for all)",
+                          CollapseWarning, stacklevel=3)
 
     def _skip(self, reason: str, loss: float = math.nan) -> dict:
         """Count a step that leaves the weights alone (non-finite LoRA, loss or gradient)."""
@@ -275,6 +328,28 @@ class Trainer:
                 if callback:
                     callback(self)
         return self.history
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class CollapseWarning(UserWarning):
+    """The generator's output stopped depending on its condition (``TrainConfig.collapse_tolerance``)."""
+
+
+def _functional_memory(module: nn.Module):
+    """The module, or its first submodule, that can shuffle conditions (a ``FunctionalMemory``)."""
+    for m in module.modules():
+        if callable(getattr(m, "shuffled_conditions", None)):
+            return m
+    return None
 
 
 def _from_iterable(iterable: Iterable) -> Callable[[int], Any]:
