@@ -229,8 +229,29 @@ class FunctionalMemory(_Mountable):
         if self._shuffle and condition.shape[0] > 1:  # each sample gets its neighbour's condition
             condition = condition.roll(1, 0)
             mask = None if mask is None else mask.roll(1, 0)
-        lora = self.layout.detokenize(self.generator(condition, mask), self.scale)
+        lora = self.layout.detokenize(self._tokens(condition, mask), self.scale)
         return lora if self.guard is None else self.guard(lora, self._weight_norms())
+
+    def _tokens(self, condition: Tensor, mask: Tensor | None) -> Tensor:
+        """The generator's tokens (B, N, H, r, T), run once per distinct (condition, mask) of the
+        batch (a batch of task labels repeats a few conditions) and gathered back to B rows.
+
+        Values and gradients of everything upstream that computed the repeated rows alike are
+        those of running every row; the gradient with respect to the condition tensor itself
+        lands on the first occurrence of each distinct row (summed over its repeats)."""
+        b = condition.shape[0]
+        if b < 2:
+            return self.generator(condition, mask)
+        key = condition.detach().flatten(1)
+        if mask is not None:
+            key = torch.cat([key, mask.to(key.dtype)], 1)
+        distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if distinct.shape[0] == b:
+            return self.generator(condition, mask)
+        first = torch.full((distinct.shape[0],), b, device=inverse.device).scatter_reduce(
+            0, inverse, torch.arange(b, device=inverse.device), "amin")  # first sample of each distinct row
+        tokens = self.generator(condition[first], None if mask is None else mask[first])
+        return tokens[inverse]
 
     @contextmanager
     def shuffled_conditions(self):
