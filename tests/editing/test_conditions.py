@@ -95,6 +95,9 @@ def test_projector_layernorm_statistics_and_mask():
     torch.testing.assert_close(real.var(-1, unbiased=False), torch.ones(2, 19), atol=1e-3, rtol=0)
     assert torch.all(out[:, 3:5] == 0)  # padding comes out as zeros
     assert proj.mask(raw).tolist() == [[True] * 3 + [False] * 2 + [True] * 16] * 2
+    from funcmem.editing.methods import padding_mask
+
+    assert torch.equal(padding_mask(out), proj.mask(raw))  # what the generator is told to skip
 
 
 def test_projector_rejects_wrong_widths():
@@ -125,3 +128,67 @@ def test_projector_standardises_with_training_statistics():
     proj({"text": text, "text_mask": mask})
     real = seen[0][:, :3].reshape(-1, 8)
     assert real.mean(0).abs().max() < 1e-4 and (real.std(0) - 1).abs().max() < 1e-2
+
+
+def test_label_encoder_reads_the_edit_off_every_phrasing():
+    """Every phrasing of every edit, with any strength word, gives that edit's one-hot id."""
+    from funcmem.editing.conditions import EditLabelEncoder
+    from funcmem.editing.ops import EDITS, sample_instruction
+
+    enc = EditLabelEncoder()
+    assert isinstance(enc, ConditionEncoder) and enc.raw_dims == {"label": len(EDITS)}
+    g = torch.Generator().manual_seed(0)
+    texts, ids = [], []
+    for k, edit in enumerate(EDITS.values()):
+        for split in ("train", "test"):
+            for _ in range(6):
+                texts.append(sample_instruction(edit, split, g, numbers=True)[0])
+                ids.append(k)
+    raw = enc.raw(torch.zeros(len(texts), 3, 8, 8), texts)
+    assert torch.equal(raw["label"], F.one_hot(torch.tensor(ids), len(EDITS)).float())
+    assert enc.edit_id("Make it  LOOK like an old damaged photo strongly") == list(EDITS).index("age")
+    with pytest.raises(ValueError, match="starts with none of them"):
+        enc.raw(torch.zeros(1, 3, 8, 8), ["paint it purple"])
+
+
+def test_label_condition_goes_through_the_projector_and_generator():
+    from funcmem.editing.conditions import EditLabelEncoder
+    from funcmem.editing.methods import EditingMemory
+    from funcmem.generator import GeneratorConfig
+
+    enc = EditLabelEncoder(["brighten", "darken"])
+    editor = Editor(EditorConfig(width=32, depth=1, heads=2))
+    memory = EditingMemory(editor, enc.raw_dims, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
+                           generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
+    raw = enc.raw(torch.zeros(4, 3, 32, 32), ["brighten the photo", "make it darker", "make it brighter", "dim this image"])
+    memory.projector.set_statistics(raw)
+    with torch.no_grad():
+        memory.fm.generator.model.proj_out_B.weight.normal_(std=0.1)
+        lora = memory.lora({"raw": raw})
+    a = lora.flatten()
+    torch.testing.assert_close(a[0], a[2])  # the same edit, the same LoRA
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_editing_memory_masks_padded_instruction_tokens():
+    """The generator reads an instruction's real tokens only: the same instruction padded to more
+    text slots (junk in the padding before the projector zeroes it) gives the same LoRA. (Padding
+    counts in the rope positions of later streams: here the text stream comes last.)"""
+    from funcmem.editing.methods import EditingMemory
+    from funcmem.generator import GeneratorConfig
+
+    editor = Editor(EditorConfig(width=32, depth=1, heads=2))
+    memory = EditingMemory(editor, {"image": 6, "text": 8}, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
+                           generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
+    with torch.no_grad():
+        memory.fm.generator.model.proj_out_B.weight.normal_(std=0.1)
+    text, image = torch.randn(1, 3, 8), torch.randn(1, 2, 6)
+    short = {"text": text, "text_mask": torch.ones(1, 3, dtype=torch.bool), "image": image}
+    long = {"text": torch.cat([text, torch.randn(1, 4, 8)], 1),
+            "text_mask": torch.tensor([[True] * 3 + [False] * 4]), "image": image}
+    with torch.no_grad():
+        a, b = memory.lora({"raw": short}).flatten(), memory.lora({"raw": long}).flatten()
+        memory.mask_padding = False
+        c = memory.lora({"raw": long}).flatten()
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 1e-4

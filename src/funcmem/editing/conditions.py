@@ -14,6 +14,8 @@ Encoders here:
   and the photo from EfficientNet-Lite0 (``image`` (B, 16, 1280)); both ship in PyPI wheels.
 - ``BaseHiddenEncoder``: the frozen base editor's own last-block tokens (how HY-WU conditions
   its generator).
+- ``EditLabelEncoder``: the edit's one-hot id, read off the instruction's phrasing: the
+  generator is told the task and nothing else (what a bank of per-edit LoRAs is told).
 
 To plug in another encoder (say SigLIP2 weights on disk), write a class with a ``raw_dims``
 attribute ``{stream: width}`` and a ``raw(images, instructions)`` method returning those
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from ..io import read_json
 from .editor import Editor
+from .ops import EDITS, Edit
 
 
 @runtime_checkable
@@ -258,6 +261,52 @@ class BaseHiddenEncoder:
         states, mask = self.text_encoder.encode(instructions, self.editor.config.max_text_tokens)
         img, txt = self.editor.hidden_states(images, states, mask)
         return {"image": img, "text": txt, "text_mask": mask}
+
+
+class EditLabelEncoder:
+    """The edit's one-hot id as the whole condition (no language model, no image).
+
+    The edit is read off the instruction: every phrasing of every edit (training and held-out)
+    is known, and an instruction is the edit whose phrasing starts it (the longest such, so
+    strength words after it do not matter). With it, a generator is told exactly what a bank of
+    per-edit LoRAs is told, which separates fitting the edits from understanding language.
+
+    Args:
+        edits: the edits, in ``edit_ids`` order (default: all of ``EDITS``).
+
+    Stream: ``label`` (B, K) one-hot, K = number of edits.
+
+    Raises:
+        ValueError (from ``raw``): an instruction that starts with no known phrasing.
+    """
+
+    def __init__(self, edits: list[str | Edit] | None = None):
+        edits = [EDITS[e] if isinstance(e, str) else e for e in (list(EDITS) if edits is None else edits)]
+        self.names = [e.name for e in edits]
+        owner: dict[str, int] = {}
+        for k, e in enumerate(edits):
+            for phrasing in (*e.train_phrasings, *e.test_phrasings):
+                if owner.setdefault(phrasing.lower(), k) != k:
+                    raise ValueError(f"phrasing {phrasing!r} belongs to two edits: "
+                                     f"{self.names[owner[phrasing.lower()]]!r} and {e.name!r}")
+        self._phrasings = sorted(owner.items(), key=lambda item: -len(item[0]))  # longest first
+        self.raw_dims = {"label": len(edits)}
+
+    def edit_id(self, instruction: str) -> int:
+        """Index of the edit whose phrasing starts ``instruction``."""
+        text = " ".join(instruction.lower().split())
+        for phrasing, k in self._phrasings:
+            if text == phrasing or text.startswith(phrasing + " "):
+                return k
+        raise ValueError(f"the label condition knows only the edits' own phrasings; {instruction!r} starts with "
+                         f"none of them (e.g. {self._phrasings[-1][0]!r})")
+
+    @torch.no_grad()
+    def raw(self, images: Tensor, instructions: list[str]) -> dict[str, Tensor]:
+        if len(instructions) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(instructions)} instructions")
+        ids = torch.tensor([self.edit_id(t) for t in instructions], dtype=torch.long)
+        return {"label": F.one_hot(ids, len(self.names)).float().to(images.device)}
 
 
 class ConditionProjector(nn.Module):

@@ -123,11 +123,18 @@ class EditingMemory(nn.Module):
         return cls(ConditionProjector(raw_dims, condition_dim),
                    FunctionalMemory(editor, targets, rank, alpha, condition_dim, generator))
 
+    mask_padding = True  # the generator does not attend to padded condition tokens
+
     def condition(self, batch: dict) -> Tensor:
         return self.projector(batch["raw"])
 
+    def generate(self, condition: Tensor) -> LoRA:
+        """The LoRA of projected conditions (B, L, dim); padded positions (the projector writes
+        them as exact zeros) are masked out of the generator's attention."""
+        return self.fm.generate(condition, padding_mask(condition) if self.mask_padding else None)
+
     def lora(self, batch: dict, condition: Tensor | None = None) -> LoRA:
-        return self.fm.generate(self.condition(batch) if condition is None else condition)
+        return self.generate(self.condition(batch) if condition is None else condition)
 
     def predict(self, batch: dict, condition: Tensor | None = None) -> Tensor:
         return edit_with(self.fm.base, batch, self.lora(batch, condition), self.fm.mounted)
@@ -151,6 +158,14 @@ class EditingMemory(nn.Module):
         projector = ConditionProjector(config["raw_dims"], config["dim"])
         projector.load_state_dict(read_safetensors(path / PROJECTOR_WEIGHTS))
         return cls(projector, FunctionalMemory.from_pretrained(path, editor))
+
+
+def padding_mask(condition: Tensor) -> Tensor:
+    """(B, L) bool, True for real tokens of a projected condition (B, L, dim): the projector writes
+    padding as exact zeros (``ConditionProjector.mask`` of the raw streams says the same)."""
+    mask = condition.ne(0).any(-1)
+    empty = ~mask.any(1)
+    return mask | empty[:, None]  # an all-zero condition: attend to all of it rather than to nothing
 
 
 def pooled_condition(raw: dict[str, Tensor]) -> Tensor:
