@@ -8,6 +8,7 @@ with its defaults (``make bench``). A benchmark is a module defining ``add_argum
     lora_speed.py       ``lora``: per-sample LoRA application vs the base, loops, merging, PEFT
     threads.py          ``threads``: steps/s under each thread policy, beside a busy process or not
     generator_speed.py  generation cost and scaling (used by ``lora``)
+    fit.py              ``fit``: a generator told the task vs a bank of per-task LoRAs (losses, ratios, parameters)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ BENCHMARKS: dict[str, Command] = {
                     "merging and PEFT; generator cost (runs/bench/lora.json)"),
     "threads": Command("funcmem.benchmarks.threads", "training steps/s under each thread policy, with and without a "
                        "busy neighbour (runs/bench/threads.json)"),
+    "fit": Command("funcmem.benchmarks.fit", "fit parity: a generator told the task vs a bank of per-task LoRAs; "
+                   "losses, ratios, parameters, time per step (runs/bench/fit.json)"),
 }
 
 
