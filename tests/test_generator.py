@@ -186,7 +186,7 @@ def test_trunk_parameters_are_the_format_generator_of_the_same_size():
 
 
 def test_rope_tables_give_the_pairwise_rotation():
-    from funcmem.generator import apply_rope, rope_angles, rope_tables
+    from funcmem.blocks import apply_rope, rope_angles, rope_tables
 
     angles = rope_angles(torch.stack([torch.arange(6), torch.arange(6) * 2], 1), [4, 4], 10000.0)  # (6, 4)
     x = torch.randn(2, 3, 6, 8)

@@ -13,7 +13,8 @@ Public API::
 from . import diffusers_io, distill, hywu, io, peft_io, train
 from .generator import GeneratorConfig, ParameterGenerator
 from .lora import LoRA
-from .memory import FunctionalMemory, LoRABank, SharedLoRA
+from .bank import LoRABank, SharedLoRA
+from .memory import FunctionalMemory
 from .targets import Target, resolve_targets
 from .tokens import TokenLayout
 from .version import __version__

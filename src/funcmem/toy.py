@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from .cli import UsageError, positive_int
 from .generator import GeneratorConfig
 from .io import write_json
-from .memory import FunctionalMemory, SharedLoRA
+from .bank import SharedLoRA
+from .memory import FunctionalMemory
 from .train import Trainer, TrainConfig
 
 

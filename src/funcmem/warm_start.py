@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .lora import LoRA
-from .memory import FunctionalMemory, LoRABank
+from .bank import LoRABank
+from .memory import FunctionalMemory
 
 
 def _gram_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:

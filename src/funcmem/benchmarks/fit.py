@@ -38,8 +38,8 @@ from torch import Tensor
 
 from ..generator import GeneratorConfig
 from ..io import write_json
-from ..lora import LoRA
-from ..memory import FunctionalMemory, LoRABank
+from ..bank import LoRABank
+from ..memory import FunctionalMemory
 from ..toy import ToyMLP
 from ..train import Trainer, TrainConfig
 

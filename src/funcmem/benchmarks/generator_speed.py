@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generator import GeneratorConfig, ParameterGenerator, attention_flops
-from ..memory import FunctionalMemory, SharedLoRA
+from ..bank import SharedLoRA
+from ..memory import FunctionalMemory
 from .timing import measure, slope
 
 EDITOR_TARGETS = ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"]

@@ -41,7 +41,7 @@ from torch import nn
 from .. import mount
 from ..io import write_json
 from ..lora import LoRA
-from ..memory import SharedLoRA
+from ..bank import SharedLoRA
 from .generator_speed import generator_cost, generator_scaling, train_step_ratio
 from .timing import measure
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from ..generator import GeneratorConfig
 from ..io import read_json, read_safetensors, write_json, write_safetensors
 from ..lora import LoRA
-from ..memory import FunctionalMemory, LoRABank, SharedLoRA
+from ..bank import LoRABank, SharedLoRA
+from ..memory import FunctionalMemory
 from .conditions import ConditionProjector
 from .editor import Editor
 
