@@ -23,7 +23,8 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = BenchmarkConfig.quick(train_examples=192, test_examples=72, steps=6, editor_steps=8, batch=8,
                                 cache_dir=str(tmp_path_factory.mktemp("cache")), scaling_depths=[1, 2],
-                                scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2})
+                                scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2},
+                                conditions=["encoders", "label"])
     results = run(cfg, out, progress=False)
     figures = torch.load(out / "figures.pt", weights_only=False)
     write_report(out, results, figures)
@@ -42,6 +43,10 @@ def test_results_json_has_every_key(tiny_run):
         assert set(entry["per_task"]) == set(r["tasks"]) and math.isfinite(entry["psnr"])
     # the same methods on seen phrasings of the test photos, and the instruction probe
     assert METHOD_KEYS <= set(r["methods_seen_phrasings"])
+    # a generator told the edit's label, and every method on training examples (fit, beside generalisation)
+    assert "functional_memory[label]" in r["methods"]
+    assert METHOD_KEYS | {"functional_memory[label]"} <= set(r["methods_train"])
+    assert all(math.isfinite(v["psnr"]) for v in r["methods_train"].values())
     assert set(r["instruction_probe"]) == {"held_out_phrasings", "seen_phrasings"}
     assert all(0 <= v <= 1 for v in r["instruction_probe"].values())
     assert {"matched", "mismatched", "averaged", "no_lora"} == set(r["routing"])

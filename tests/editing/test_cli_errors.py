@@ -54,6 +54,9 @@ def test_demo_and_continual_values(capsys, files):
     assert "argument --distill-weight: expected a finite number >= 0, got nan" in user_error(
         capsys, ["continual", "--distill-weight", "nan"])
     assert "argument --forget: invalid choice: 'nope'" in user_error(capsys, ["continual", "--forget", "nope"])
+    for bad in ("label,nope", "label,label", ","):
+        assert "argument --condition: expected distinct names from encoders, base-hidden, label" in user_error(
+            capsys, ["demo", "--condition", bad])
     if not torch.cuda.is_available():
         assert user_error(capsys, [*THREADS, "demo", "--quick", "--device", "cuda"]) == (
             "error: --device cuda: this PyTorch sees no CUDA GPU; run on --device cpu")

@@ -158,8 +158,8 @@ def test_label_condition_goes_through_the_projector_and_generator():
 
     enc = EditLabelEncoder(["brighten", "darken"])
     editor = Editor(EditorConfig(width=32, depth=1, heads=2))
-    memory = EditingMemory(editor, enc.raw_dims, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
-                           generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
+    memory = EditingMemory.create(editor, enc.raw_dims, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
+                                  generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
     raw = enc.raw(torch.zeros(4, 3, 32, 32), ["brighten the photo", "make it darker", "make it brighter", "dim this image"])
     memory.projector.set_statistics(raw)
     with torch.no_grad():
@@ -178,8 +178,8 @@ def test_editing_memory_masks_padded_instruction_tokens():
     from funcmem.generator import GeneratorConfig
 
     editor = Editor(EditorConfig(width=32, depth=1, heads=2))
-    memory = EditingMemory(editor, {"image": 6, "text": 8}, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
-                           generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
+    memory = EditingMemory.create(editor, {"image": 6, "text": 8}, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
+                                  generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
     with torch.no_grad():
         memory.fm.generator.model.proj_out_B.weight.normal_(std=0.1)
     text, image = torch.randn(1, 3, 8), torch.randn(1, 2, 6)

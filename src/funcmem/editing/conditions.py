@@ -374,11 +374,17 @@ class ConditionProjector(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+CONDITIONS = ("encoders", "base-hidden", "label")
+
+
 def make_encoder(name: str, editor: Editor, text_encoder: TextEncoder) -> ConditionEncoder:
-    """The condition encoder a run names: ``"encoders"`` (MiniLM + EfficientNet-Lite0 streams) or
-    ``"base-hidden"`` (the frozen editor's own last-block states)."""
+    """The condition encoder a run names: ``"encoders"`` (MiniLM + EfficientNet-Lite0 streams),
+    ``"base-hidden"`` (the frozen editor's own last-block states) or ``"label"`` (the edit's
+    one-hot id: what a bank of per-edit LoRAs is told, no language)."""
     if name == "encoders":
         return MiniLMEfficientNet(text_encoder)
     if name == "base-hidden":
         return BaseHiddenEncoder(editor, text_encoder)
-    raise ValueError(f"unknown condition {name!r}; conditions: 'encoders', 'base-hidden'")
+    if name == "label":
+        return EditLabelEncoder()
+    raise ValueError(f"unknown condition {name!r}; conditions: {', '.join(CONDITIONS)}")

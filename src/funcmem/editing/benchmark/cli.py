@@ -9,6 +9,7 @@ import torch
 
 from ... import io
 from ...cli import UsageError, positive_int
+from ..conditions import CONDITIONS
 from .config import BenchmarkConfig
 from .report import write_report
 from .run import run
@@ -35,22 +36,35 @@ def benchmark_config(args: argparse.Namespace, **defaults) -> BenchmarkConfig:
     return BenchmarkConfig.quick(**overrides) if args.quick else BenchmarkConfig(**overrides)
 
 
+def condition_list(text: str) -> list[str]:
+    """An argparse ``type``: comma-separated condition names, each known and given once."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONDITIONS]
+    if not names or unknown or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(CONDITIONS)}, got {text!r}")
+    return names
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``funcmem demo``'s options."""
     add_run_arguments(parser, "runs/demo")
-    parser.add_argument("--condition", default=None, choices=["encoders", "base-hidden"],
-                        help="the generator's condition (default: encoders; the full run also reports base-hidden)")
+    parser.add_argument("--condition", default=None, type=condition_list, metavar="NAME[,NAME...]",
+                        help="the generator's conditions, the first the main one (rows functional_memory and "
+                        f"functional_memory[NAME]); names: {', '.join(CONDITIONS)} (default: encoders,label; the full "
+                        "run adds base-hidden)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = benchmark_config(args)
     if args.condition:
-        cfg.conditions = [args.condition] + [c for c in cfg.conditions if c != args.condition]
+        cfg.conditions = args.condition
     results = run(cfg, args.out)
     figures = io.torch_load(Path(args.out) / "figures.pt", allow_numpy=True)  # weights_only: no code runs
     write_report(Path(args.out), results, figures)
     (Path(args.out) / "figures.pt").unlink()
     m = results["methods"]
-    print("\n".join(f"{k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}" for k, v in m.items()))
+    fit = results.get("methods_train", {})
+    print("\n".join(f"{k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}"
+                    + (f"  (training examples {fit[k]['psnr']:.2f})" if k in fit else "") for k, v in m.items()))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

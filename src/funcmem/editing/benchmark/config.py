@@ -25,7 +25,7 @@ class BenchmarkConfig:
     generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
                                                                      dim_accumulation=4).to_dict())
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
-    conditions: list = field(default_factory=lambda: ["encoders", "base-hidden"])
+    conditions: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     scaling_depths: list = field(default_factory=lambda: [1, 2, 4])
     scaling_ranks: list = field(default_factory=lambda: [2, 4, 8])
@@ -40,7 +40,7 @@ class BenchmarkConfig:
     @classmethod
     def quick(cls, **overrides) -> "BenchmarkConfig":
         """Under 10 minutes on 2 CPU cores, every analysis still shown."""
-        base = dict(train_examples=2048, test_examples=384, steps=500, conditions=["encoders"], seeds=[0],
+        base = dict(train_examples=2048, test_examples=384, steps=500, conditions=["encoders", "label"], seeds=[0],
                     scaling_depths=[1, 2], scaling_ranks=[2, 4], conflict_samples=32, editor_steps=1200)
         return cls(**{**base, **overrides})
 

@@ -148,10 +148,12 @@ def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Contex
 
 @dataclass
 class Trained:
-    """Every seed's evaluations (test split and seen phrasings), and the first seed's methods."""
+    """Every seed's evaluations (test split, seen phrasings, and training examples: as many as the
+    test split has), and the first seed's methods."""
 
     evals: dict[str, list[dict]]
     seen: dict[str, list[dict]]
+    train: dict[str, list[dict]]
     first: dict[str, nn.Module] = field(default_factory=dict)
     conflict: dict | None = None
 
@@ -160,13 +162,13 @@ def train_methods(ctx: Context, timer: Timer) -> Trained:
     """Every row of the table for every seed; the frozen base is evaluated once."""
     cfg, names = ctx.cfg, ctx.edit_names
     table = methods_table(cfg)
-    out = Trained({"base": []}, {"base": []})
-    base = Base(ctx.editor)
-    base_eval = evaluate(base, ctx.test, ctx.condition, names), evaluate(base, ctx.seen, ctx.condition, names)
+    out = Trained({"base": []}, {"base": []}, {"base": []})
+    base, fitted = Base(ctx.editor), ctx.train.head(len(ctx.test))
+    base_eval = [evaluate(base, data, ctx.condition, names) for data in (ctx.test, ctx.seen, fitted)]
 
     def record(name: str, method, cond: str) -> None:
-        out.evals.setdefault(name, []).append(evaluate(method, ctx.test, cond, names))
-        out.seen.setdefault(name, []).append(evaluate(method, ctx.seen, cond, names))
+        for evals, data in ((out.evals, ctx.test), (out.seen, ctx.seen), (out.train, fitted)):
+            evals.setdefault(name, []).append(evaluate(method, data, cond, names))
 
     for seed in cfg.seeds:
         trained: dict[str, nn.Module] = {}
@@ -183,8 +185,8 @@ def train_methods(ctx: Context, timer: Timer) -> Trained:
             if tracker is not None:
                 out.conflict = tracker.result(names)
             trained[m.name] = method
-        out.evals["base"].append(base_eval[0])
-        out.seen["base"].append(base_eval[1])
+        for evals, base_result in zip((out.evals, out.seen, out.train), base_eval):
+            evals["base"].append(base_result)
         out.first = out.first or trained
     return out
 
@@ -226,6 +228,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
     first, memory = trained.first, trained.first["functional_memory"]
     results = {"tasks": ctx.edit_names, "inverse_pairs": [list(p) for p in analysis.inverse_pairs(ctx.edit_names)],
                "config": asdict(cfg), "methods": _by_method(trained.evals), "methods_seen_phrasings": _by_method(trained.seen),
+               "methods_train": _by_method(trained.train),
                "params": parameter_counts(ctx.editor, first), "gradient_conflict": trained.conflict,
                "splits": {"train_photos": [p.name for p in ctx.photos["train"]],
                           "test_photos": [p.name for p in ctx.photos["test"]],

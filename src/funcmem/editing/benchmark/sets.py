@@ -31,6 +31,14 @@ class EditSet:
                 "text_mask": self.text_mask[idx], "edit_ids": self.edit_ids[idx],
                 "raw": {k: v[idx] for k, v in self.raw[condition].items()}, "pooled": self.pooled[condition][idx]}
 
+    def head(self, n: int) -> "EditSet":
+        """The first ``n`` examples (the training set's view the size of the test split)."""
+        keep = slice(0, min(n, len(self)))
+        examples = {"inputs": self.inputs[keep], "targets": self.targets[keep],
+                    "instructions": self.instructions[keep], "edit_ids": self.edit_ids[keep]}
+        return EditSet(examples, self.text_states[keep], self.text_mask[keep],
+                       {c: {k: v[keep] for k, v in streams.items()} for c, streams in self.raw.items()})
+
     def chunks(self, condition: str, size: int = 128):
         for start in range(0, len(self), size):
             yield self.batch(torch.arange(start, min(start + size, len(self))), condition)
