@@ -29,7 +29,7 @@ def test_fit_command_writes_losses_ratios_and_parameters(tmp_path, one_thread):
     from funcmem.cli import main
 
     out = tmp_path / "fit.json"
-    assert main(["bench", "fit", "--quick", "--steps", "30", "--out", str(out), "--generator",
+    assert main(["bench", "fit", "--quick", "--steps", "30", "--out", str(out), "--no-warm-start", "--generator",
                  '{"d_model": 32, "depth": 1, "head_dim": 8, "token_dim": 16, "dim_accumulation": 2}']) == 0
     result = json.loads(out.read_text())
     m = result["models"]
