@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
     cfg = BenchmarkConfig.quick(train_examples=192, test_examples=72, steps=6, editor_steps=8, batch=8,
                                 cache_dir=str(tmp_path_factory.mktemp("cache")), scaling_depths=[1, 2],
                                 scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2},
-                                conditions=["encoders", "label"])
+                                conditions=["encoders", "label"], warm_start=["label"], warm_start_steps=20)
     results = run(cfg, out, progress=False)
     figures = torch.load(out / "figures.pt", weights_only=False)
     write_report(out, results, figures)
@@ -47,6 +47,8 @@ def test_results_json_has_every_key(tiny_run):
     assert "functional_memory[label]" in r["methods"]
     assert METHOD_KEYS | {"functional_memory[label]"} <= set(r["methods_train"])
     assert all(math.isfinite(v["psnr"]) for v in r["methods_train"].values())
+    warm = r["warm_start"]["functional_memory[label]"]  # distilled from the trained bank before its own training
+    assert warm["steps"] == 20 and math.isfinite(warm["relative_error"]) and set(r["warm_start"]) == {"functional_memory[label]"}
     assert set(r["instruction_probe"]) == {"held_out_phrasings", "seen_phrasings"}
     assert all(0 <= v <= 1 for v in r["instruction_probe"].values())
     assert {"matched", "mismatched", "averaged", "no_lora"} == set(r["routing"])

@@ -27,6 +27,9 @@ class BenchmarkConfig:
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
     conditions: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
+    warm_start: list = field(default_factory=list)  # conditions whose generator starts from the trained bank
+    warm_start_steps: int = 500
+    warm_start_lr: float = 1e-2
     scaling_depths: list = field(default_factory=lambda: [1, 2, 4])
     scaling_ranks: list = field(default_factory=lambda: [2, 4, 8])
     conflict_samples: int = 48

@@ -31,7 +31,7 @@ from . import analysis
 from .config import BenchmarkConfig
 from .evaluate import evaluate, mean_over_seeds
 from .sets import EditSet, build_set, photo_split
-from .training import Timer, make_memory, matched_rank, train
+from .training import Timer, make_memory, matched_rank, train, warm_start_from_bank
 
 METHODS = ("base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory")
 """The order results list methods in (then ``functional_memory[condition]`` for further conditions)."""
@@ -82,7 +82,10 @@ class Method:
 def _memory(condition: str | None = None):
     def build(ctx: Context, seed: int, trained: dict) -> nn.Module:
         cond = condition or ctx.condition
-        return make_memory(ctx.editor, ctx.train.raw[cond], ctx.raw_dims[cond], ctx.cfg, seed)
+        memory = make_memory(ctx.editor, ctx.train.raw[cond], ctx.raw_dims[cond], ctx.cfg, seed)
+        if cond in ctx.cfg.warm_start:
+            memory.warm_start = warm_start_from_bank(memory, trained["per_task_lora"], ctx.train, cond, ctx.cfg, seed)
+        return memory
     return build
 
 
@@ -117,12 +120,14 @@ def _retrieval(ctx: Context, bank: Bank) -> Iterator[str]:
 def methods_table(cfg: BenchmarkConfig) -> list[Method]:
     """The benchmark's methods in training order (the matched LoRA reads the generator's size)."""
     lr_generator, lr_lora = (lambda c: c.lr_generator), (lambda c: c.lr_lora)
-    return [Method("functional_memory", "functional memory", _memory(), lr_generator),
-            *[Method(f"functional_memory[{c}]", f"functional memory [{c}]", _memory(c), lr_generator, condition=c)
-              for c in cfg.conditions[1:]],
-            Method("shared_lora", "shared LoRA", _shared, lr_lora, track=_conflict_tracker),
-            Method("shared_lora_matched", "shared LoRA, matched rank", _matched, lr_lora),
-            Method("per_task_lora", "per-task LoRAs", _bank, lr_lora, views=_retrieval)]
+    memories = [Method("functional_memory", "functional memory", _memory(), lr_generator),
+                *[Method(f"functional_memory[{c}]", f"functional memory [{c}]", _memory(c), lr_generator, condition=c)
+                  for c in cfg.conditions[1:]]]
+    cold = [m for m in memories if (m.condition or cfg.conditions[0]) not in cfg.warm_start]
+    warm = [m for m in memories if m not in cold]  # distilled from the trained bank: they train after it
+    return [*cold, Method("shared_lora", "shared LoRA", _shared, lr_lora, track=_conflict_tracker),
+            Method("per_task_lora", "per-task LoRAs", _bank, lr_lora, views=_retrieval), *warm,
+            Method("shared_lora_matched", "shared LoRA, matched rank", _matched, lr_lora)]
 
 
 def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Context:
@@ -233,7 +238,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
                "splits": {"train_photos": [p.name for p in ctx.photos["train"]],
                           "test_photos": [p.name for p in ctx.photos["test"]],
                           "train_examples": len(ctx.train), "test_examples": len(ctx.test)},
-               "condition": ctx.condition}
+               "condition": ctx.condition,
+               "warm_start": {name: m.warm_start for name, m in first.items() if hasattr(m, "warm_start")}}
     with timer.stage("analyses"):
         analysed, manifold_points = analyse(ctx, first)
         results.update(analysed)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ...generator import HeadBottleneckWarning
 from ...train import Trainer, TrainConfig
-from ..methods import EditingMemory, mse_loss
+from ...warm_start import warm_start
+from ..methods import EditingMemory, mse_loss, padding_mask
 from .config import BenchmarkConfig
 from .sets import EditSet
 
@@ -44,6 +45,20 @@ def train(method, data: EditSet, condition: str, cfg: BenchmarkConfig, lr: float
     trainer.fit(batch_fn, callback=callback)
     method.eval()
     return trainer.history
+
+
+def warm_start_from_bank(memory: EditingMemory, bank, data: EditSet, condition: str, cfg: BenchmarkConfig,
+                         seed: int, n: int = 1024) -> dict:
+    """Distil a trained bank into a fresh generator (``funcmem.warm_start``) before its training:
+    on up to ``n`` training examples, the generated update for each example's condition is matched
+    to the bank's LoRA of its edit. The projector stays at its initial map (it trains afterwards)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[:n].to(data.inputs.device)
+    batch = data.batch(idx, condition)
+    with torch.no_grad():
+        conditions = memory.condition(batch)
+    return warm_start(memory.fm, bank, conditions, batch["edit_ids"], padding_mask(conditions),
+                      steps=cfg.warm_start_steps, lr=cfg.warm_start_lr, seed=seed)
 
 
 def matched_rank(memory_params: int, targets) -> int:
