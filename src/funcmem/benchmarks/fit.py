@@ -21,7 +21,7 @@ its own peak learning rate, printed). Reported per model, averaged over seeds:
 
 Baselines: the frozen base (no LoRA) and the oracle (the teacher's own LoRA: its loss is the floor).
 A further row (unless ``--no-warm-start``) is a generator first distilled from the trained bank
-(``funcmem.warm_start``: 500 steps matching its updates B A on the task keys, timed as
+(``funcmem.warm_start``: 500 AdamW steps at lr 1e-2 matching its updates B A on the task keys, timed as
 ``distill_seconds``), then trained end to end for the same number of steps: it costs the bank's
 training besides its own.
 """
@@ -66,6 +66,7 @@ class FitConfig:
         generator: ``GeneratorConfig`` fields.
         seeds: one run per seed (base, teachers, data and inits all follow from it).
         warm_start: also train a generator warm-started from the trained bank.
+        warm_start_steps, warm_start_lr: its distillation (``funcmem.warm_start.warm_start``).
 
     The default generator carries an 11-LoRA basis (``GeneratorConfig.basis``): with 12 tasks it
     stays within the parameter budget (bank + the format's trunk); 12 would exceed it by the
@@ -91,6 +92,8 @@ class FitConfig:
                                                                      basis=11).to_dict())
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     warm_start: bool = True
+    warm_start_steps: int = 500
+    warm_start_lr: float = 1e-2
 
     @classmethod
     def quick(cls, **overrides) -> "FitConfig":
@@ -236,10 +239,12 @@ def run_seed(cfg: FitConfig, seed: int) -> dict:
         torch.manual_seed(seed)
         warm = make_generator(cfg, copy.deepcopy(base), tasks.conditions.shape[-1])
         start = time.perf_counter()
-        warm_start(warm, bank, tasks.conditions)
+        distilled = warm_start(warm, bank, tasks.conditions, steps=cfg.warm_start_steps, lr=cfg.warm_start_lr,
+                               seed=seed)
         distill_s = time.perf_counter() - start
         sps, _ = _train(warm, generator_loss(warm, tasks.conditions), batches, cfg, cfg.lr_generator, "warm")
         rows["generator_warm_start"] = {**scores(warm, tasks), "s_per_step": sps, "distill_seconds": distill_s,
+                                        "distill_relative_error": distilled["relative_error"],
                                         **_generator_params(warm)}
     return {"seed": seed, "floor": tasks.floor, "base_loss": tasks.base_loss, "models": rows}
 
