@@ -221,3 +221,13 @@ def test_repeated_conditions_are_generated_once_with_the_same_result_and_gradien
     for n, p in fm.generator.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(source.grad, plain.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_training_after_inference_mode_generation():
+    """Cached rope tables made under inference_mode (the service) are not reused by a training step."""
+    _, fm = make_fm()
+    cond = torch.randn(2, 3, fm.condition_dim)
+    with torch.inference_mode():
+        served = fm.generate(cond).flatten()
+    fm.generate(cond).flatten().pow(2).sum().backward()  # raised "Inference tensors cannot be saved for backward" with one cache for both
+    torch.testing.assert_close(fm.generate(cond).flatten().detach(), served)

@@ -122,5 +122,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, rope: dict, mask: Tensor | None = None,
                 pooled: Tensor | None = None) -> Tensor:
-        """x (B, N, S, D), c (B, L, D) -> (B, N, S, D)."""
-        return self.forward_condition(self.forward_self(x, rope), c, rope, mask, pooled)
+        """x (B, N, S, D), c (B, L, D) -> (B, N, S, D). An x of batch 1 (the query tokens, the same
+        for every sample) runs the condition-free half once and is expanded to c's batch."""
+        x = self.forward_self(x, rope)
+        return self.forward_condition(x.expand(c.shape[0], -1, -1, -1), c, rope, mask, pooled)

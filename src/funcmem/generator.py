@@ -242,8 +242,9 @@ class ParameterGenerator(nn.Module):
         return self.tokens_per_layer * self.rank // self.config.dim_accumulation
 
     def _rope(self, cond_len: int, device) -> dict[str, tuple[Tensor, Tensor]]:
-        """Rope tables of every attention, cached per condition length and device."""
-        key = (cond_len, str(device))
+        """Rope tables of every attention, cached per condition length, device and inference mode
+        (tables made under ``torch.inference_mode`` cannot be saved for a backward pass)."""
+        key = (cond_len, str(device), torch.is_inference_mode_enabled())
         if key in self._rope_cache:
             return self._rope_cache[key]
         cfg, n, s = self.config, self.num_layers, self.tokens_per_position
@@ -287,15 +288,10 @@ class ParameterGenerator(nn.Module):
             pooled = (c * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
         rope = self._rope(condition.shape[1], condition.device)
         x = self.query_tokens()[None]  # (1, N, S, D): block 0's self-attention is the same for every sample
-        for i, block in enumerate(m.blocks):
+        for block in m.blocks:  # through the module call: FSDP's hooks gather its weights
             ckpt = self.config.checkpointing and torch.is_grad_enabled()
-            if i == 0:
-                x = block.forward_self(x, rope).expand(b, -1, -1, -1)
-                x = (checkpoint(block.forward_condition, x, c, rope, mask, pooled, use_reentrant=False) if ckpt
-                     else block.forward_condition(x, c, rope, mask, pooled))
-            else:
-                x = (checkpoint(block, x, c, rope, mask, pooled, use_reentrant=False) if ckpt
-                     else block(x, c, rope, mask, pooled))
+            x = (checkpoint(block, x, c, rope, mask, pooled, use_reentrant=False) if ckpt
+                 else block(x, c, rope, mask, pooled))
         x = m.norm_final(x)
         rows = x.reshape(b, self.num_layers, self.tokens_per_layer, self.rank, -1)  # (B, N, H, r, d)
         tokens = self._heads(rows)
