@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ...generator import GeneratorConfig
 from ..editor import EditorConfig
+from ..ops import EDITS
 
 
 @dataclass
@@ -22,12 +23,14 @@ class BenchmarkConfig:
     lr_lora: float = 3e-3
     lr_generator: float = 1e-3  # below the LoRA's: a faster generator collapsed in a feasibility study
     condition_dim: int = 64
+    # A LoRA basis of one per edit, and a warm start from the trained bank (docs/fit.md): with
+    # both, the label-told generator fits as the bank does (without, 2 dB below it).
     generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
-                                                                     dim_accumulation=4).to_dict())
+                                                                     dim_accumulation=4, basis=len(EDITS)).to_dict())
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
     conditions: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    warm_start: list = field(default_factory=list)  # conditions whose generator starts from the trained bank
+    warm_start: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])  # start from the bank
     warm_start_steps: int = 500
     warm_start_lr: float = 1e-2
     scaling_depths: list = field(default_factory=lambda: [1, 2, 4])
