@@ -53,7 +53,8 @@ def test_demo_and_continual_values(capsys, files):
     assert "argument --steps: expected a positive integer, got -5" in user_error(capsys, ["demo", "--steps", "-5"])
     assert "argument --distill-weight: expected a finite number >= 0, got nan" in user_error(
         capsys, ["continual", "--distill-weight", "nan"])
-    assert "argument --forget: invalid choice: 'nope'" in user_error(capsys, ["continual", "--forget", "nope"])
+    assert "argument --forget: unknown edit 'nope'; edits: blur, " in user_error(capsys, ["continual", "--forget", "nope"])
+    assert "argument --forget: edit 'age' named twice" in user_error(capsys, ["continual", "--forget", "age,age"])
     if not torch.cuda.is_available():
         assert user_error(capsys, [*THREADS, "demo", "--quick", "--device", "cuda"]) == (
             "error: --device cuda: this PyTorch sees no CUDA GPU; run on --device cpu")

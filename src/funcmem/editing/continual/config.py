@@ -14,6 +14,7 @@ GROUPS = {"A": ["blur", "sharpen", "add_noise", "denoise"],
           "C": ["contrast_up", "contrast_down", "warmer", "cooler"]}
 CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
 EDIT_NAMES = list(EDITS)  # edit ids index this list in every stage
+FORGET_NEAR = {"recombine": True}  # see docs/continual.md for the ablation behind it
 STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
                   "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
 
@@ -29,6 +30,8 @@ class ContinualConfig:
         distill_weight: weight of the functional-distillation term (relative to the image MSE).
         replay_batch: stored conditions per step (distillation and forgetting).
         forget_steps, forget_lr: the removal fine-tune (stored conditions only).
+        forget_near: ``funcmem.distill.Neighbourhood`` settings (all but ``label_positions``): the
+            conditions near the stored ones that the removal also covers; empty: the stored ones only.
         benchmark: the settings of every stage's training (``steps`` is per stage and method; the
             first of ``seeds`` is the run's seed; its example counts are not used).
     """
@@ -41,6 +44,7 @@ class ContinualConfig:
     replay_batch: int = 16
     forget_steps: int = 300
     forget_lr: float = 1e-3
+    forget_near: dict = field(default_factory=lambda: dict(FORGET_NEAR))
     benchmark: BenchmarkConfig = field(default_factory=lambda: BenchmarkConfig(**STAGE_DEFAULTS["full"]))
 
     @classmethod
