@@ -192,40 +192,50 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
     (a LoRA with one sample per moved condition; None: the zero update) while every other stored
     condition keeps the update it has now. Uses the store only (no data).
 
-    With ``near``, both sides are also drawn from the neighbourhood of their stored conditions:
-    kept ones hold the update the generator made before this call (a frozen copy is the teacher),
-    moved ones go to zero (``near`` needs ``targets`` None). Each step draws ``batch`` kept and
-    ``batch`` moved conditions (a function of ``seed`` and the step). Returns the trainer's history
-    (losses ``keep`` and ``move``).
+    With ``near``, both sides are drawn from the neighbourhood of their stored conditions: kept ones
+    hold the update the generator made before this call (a frozen copy is the teacher), moved ones go
+    to zero (``near`` needs ``targets`` None). Each step draws ``batch`` kept and ``batch`` moved
+    conditions (a function of ``seed`` and the step). Returns the trainer's history (losses ``keep``
+    and ``move``).
     """
     if near is not None and targets is not None:
         raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
     moved_idx, kept = moved.nonzero().flatten(), (~moved).nonzero().flatten()
-    device, teacher = _device(fm), copy.deepcopy(fm).requires_grad_(False).eval()
+    device = _device(fm)
+    teacher = None if near is None else copy.deepcopy(fm).requires_grad_(False).eval()
     old = generate_all(fm, store.conditions)
     norm = product_sq_distance(old).mean().clamp(min=1e-12)
-    labels = store.labels.long()
+    labels, moved_dev = store.labels.long(), moved.to(device)
 
     def draw(pool: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = pool[torch.randint(len(pool), (batch,), generator=g)] if len(pool) else pool
-        plain = store.conditions[idx].float()
-        return idx, (plain if near is None else near.sample(store.conditions, labels, idx, g))
+        return idx, (store.conditions[idx].float() if near is None else near.sample(store.conditions, labels, idx, g))
 
     def batch_fn(step: int):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return draw(kept, g), draw(moved_idx, g)
+        (ki, kc), (mi, mc) = draw(kept, g), draw(moved_idx, g)
+        return torch.cat([ki, mi]), torch.cat([kc, mc]).to(device)
 
-    def loss_fn(model, pair):
-        (keep_idx, keep_c), (move_idx, move_c) = pair
+    @torch.no_grad()
+    def goals(idx: Tensor, c: Tensor) -> tuple[LoRA, Tensor]:
+        """Per drawn condition: the update it keeps and whether it moves instead."""
+        moving = moved_dev[idx.to(device)]
+        if near is not None:
+            return teacher.generate(c), moving
+        if targets is None:
+            return old[idx], moving
+        on = moved[idx]  # drawn kept first, then moved
+        return LoRA.cat([old[idx[~on]], targets[torch.searchsorted(moved_idx, idx[on])]]), moving
+
+    def loss_fn(model, drawn):
+        idx, c = drawn
+        want, moving = goals(idx, c)
+        new = model.generate(c)
         zero = torch.zeros((), device=device)
-        keep = zero
-        if len(keep_idx):
-            with torch.no_grad():
-                want = old[keep_idx] if near is None else teacher.generate(keep_c.to(device))
-            keep = product_sq_distance(model.generate(keep_c.to(device)), want).mean() / norm
-        new = model.generate(move_c.to(device))
-        goal = None if targets is None else targets[torch.searchsorted(moved_idx, move_idx)]
-        move = product_sq_distance(new, goal).mean() / norm
+        to_want = product_sq_distance(new, want) / norm
+        to_zero = product_sq_distance(new) / norm if targets is None else to_want
+        keep = to_want[~moving].mean() if (~moving).any() else zero
+        move = to_zero[moving].mean() if moving.any() else zero
         return keep + move, {"keep": keep.detach(), "move": move.detach()}
 
     trainer = Trainer(fm, loss_fn, config)
