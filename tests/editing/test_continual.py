@@ -51,7 +51,8 @@ def tiny_config(tmp_path_factory):
     stages = BenchmarkConfig.quick(steps=3, batch=4, editor={"width": 32, "depth": 2, "heads": 2}, conditions=["encoders"],
                                    seeds=[0], cache_dir=str(tmp_path_factory.mktemp("cache")))
     return ContinualConfig.quick(stages, groups={"A": ["blur", "sharpen"], "B": ["brighten", "darken"]},
-                                 train_per_group=24, test_per_group=8, store_per_edit=2, replay_batch=4, forget_steps=3)
+                                 train_per_group=24, test_per_group=8, store_per_edit=2, replay_batch=4, forget_steps=3,
+                                 relearn_steps=3)
 
 
 @pytest.fixture(scope="module")

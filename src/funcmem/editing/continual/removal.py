@@ -123,10 +123,10 @@ def summarise(before: dict, after: dict, removed: list[str], near: list[str]) ->
         "near_miss_per_edit_after": pick(after["to_target"], near)}
 
 
-def train_config(cfg: ContinualConfig, what: str) -> TrainConfig:
-    every = max(1, cfg.forget_steps // 20)
-    return TrainConfig(steps=cfg.forget_steps, lr=cfg.forget_lr, grad_clip=1.0, warmup_steps=every,
-                       description=what, log_every=every)
+def train_config(cfg: ContinualConfig, steps: int, what: str) -> TrainConfig:
+    every = max(1, steps // 20)
+    return TrainConfig(steps=steps, lr=cfg.forget_lr, grad_clip=1.0, warmup_steps=every, description=what,
+                       log_every=every)
 
 
 def neighbourhood(memory, data: EditSet, cfg: ContinualConfig) -> distill.Neighbourhood | None:
@@ -151,13 +151,13 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
     removed = torch.isin(store.labels, torch.tensor(ids, dtype=store.labels.dtype))
     recorded = distill.generate_all(memory.fm, store.conditions[removed])  # for the undo
     start = time.perf_counter()
-    history = distill.forget(memory.fm, store, ids, train_config(cfg, f"forget {','.join(edits)}"),
+    history = distill.forget(memory.fm, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
                              batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg))
     seconds = time.perf_counter() - start
     memory.eval()
     after = measure(memory, base_out, sets, cond)
     undo = copy.deepcopy(memory)
-    distill.relearn(undo.fm, store, ids, recorded, train_config(cfg, f"relearn {','.join(edits)}"),
+    distill.relearn(undo.fm, store, ids, recorded, train_config(cfg, cfg.relearn_steps, f"relearn {','.join(edits)}"),
                     batch=cfg.replay_batch, seed=cfg.seed)
     undo.eval()
     relearnt = measure(undo, base_out, sets, cond)["to_target"]
