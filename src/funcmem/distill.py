@@ -5,7 +5,9 @@ learnt, from stored condition vectors alone (no data). Nothing here knows what a
     store.add(conditions, labels)                      # (n, L, condition_dim), (n,): kept as float16
     keep = FunctionalDistillation(fm, store, batch=16, seed=0)
     loss = task_loss + weight * keep(fm)               # while fm learns something new
-    forget(fm, store, label, TrainConfig(steps=300))   # drive one label's updates to zero, keep the rest
+    forget(fm, store, [label], TrainConfig(steps=300))  # drive labels' updates to zero, keep the rest
+    forget(..., near=Neighbourhood(label_positions, recombine=True))  # ... and near the stored ones too
+    relearn(fm, store, [label], recorded, TrainConfig(steps=300))  # undo, from the updates recorded before
 
 The distance compares the updates factors make, not the factors: for one target it is
 ``||s B A - s' B' A'||_F^2``, computed from r x r products (``B A`` is never formed), so
@@ -13,6 +15,9 @@ The distance compares the updates factors make, not the factors: for one target 
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -112,36 +117,145 @@ class FunctionalDistillation:
         return product_sq_distance(new, self.old[idx]).mean() / self.norm
 
 
-def forget(fm: nn.Module, store: ConditionStore, label: int, config: TrainConfig, batch: int = 16,
-           seed: int = 0) -> list[dict]:
-    """Fine-tune the generator so that ``label``'s stored conditions yield a zero update, while every
-    other stored condition keeps the update it has now. Uses the store only (no data).
+# ------------------------------------------------------------------ removing and re-teaching labels
 
-    Each step draws ``batch`` kept and ``batch`` removed conditions (a function of ``seed`` and the
-    step). Returns the trainer's history (losses ``keep`` and ``zero``).
+
+@dataclass
+class Neighbourhood:
+    """Conditions near the stored ones, derived from the store alone, so that a removal holds for
+    more than the stored vectors. Each draw starts from a stored condition of the wanted side
+    (removed or kept) and applies, in this order:
+
+    - ``recombine``: its ``context`` positions (those not in ``label_positions``: what the label acts
+      on, e.g. an instance's own tokens) replaced by those of a stored condition of any label;
+    - ``mix``: its label positions moved a fraction ``u ~ U(0, mix)`` towards those of another stored
+      condition of the same label (between the label's stored wordings);
+    - ``direction``: its label positions moved ``t ~ U(0, direction)`` along its label's direction
+      (its label's mean minus the store's mean, per position);
+    - ``noise``: Gaussian noise on its real (non-zero) label positions, ``noise`` x the store's
+      per-feature std;
+    - ``drop``: each real label position zeroed with probability ``drop`` (zero = padding).
+
+    ``label_positions`` (L,) bool marks the positions that say which label (the instruction);
+    None: every position (then ``recombine`` does nothing).
     """
-    removed = (store.labels == label).nonzero().flatten()
-    kept = (store.labels != label).nonzero().flatten()
-    if not len(removed):
-        raise ValueError(f"the condition store holds no condition labelled {label}")
+
+    label_positions: Tensor | None = None
+    recombine: bool = False
+    mix: float = 0.0
+    direction: float = 0.0
+    noise: float = 0.0
+    drop: float = 0.0
+
+    def sample(self, conditions: Tensor, labels: Tensor, idx: Tensor, g: torch.Generator) -> Tensor:
+        """Conditions (len(idx), L, dim) float32 near ``conditions[idx]``; a function of ``g``'s state."""
+        c = conditions.float()
+        n, L = len(idx), c.shape[1]
+        pos = (torch.ones(L, dtype=torch.bool) if self.label_positions is None
+               else self.label_positions.cpu().bool())[None, :, None]  # (1, L, 1)
+        x = c[idx].clone()
+        if self.recombine:
+            x = torch.where(pos, x, c[torch.randint(len(c), (n,), generator=g)])
+        if self.mix:
+            same = torch.stack([_draw_same(labels, labels[i], g) for i in idx.tolist()])
+            u = torch.rand(n, 1, 1, generator=g) * self.mix
+            x = torch.where(pos, x + u * (c[same] - x), x)
+        if self.direction:
+            mean = c.mean(0)
+            shift = torch.stack([c[labels == labels[i]].mean(0) - mean for i in idx.tolist()])
+            x = torch.where(pos, x + torch.rand(n, 1, 1, generator=g) * self.direction * shift, x)
+        real = pos & (x.abs().sum(-1, keepdim=True) > 0)
+        if self.noise:
+            std = c.reshape(-1, c.shape[-1]).std(0)
+            x = torch.where(real, x + self.noise * std * torch.randn(x.shape, generator=g), x)
+        if self.drop:
+            x = torch.where(real & (torch.rand(n, L, 1, generator=g) < self.drop), torch.zeros(()), x)
+        return x
+
+
+def _draw_same(labels: Tensor, label: Tensor, g: torch.Generator) -> Tensor:
+    pool = (labels == label).nonzero().flatten()
+    return pool[torch.randint(len(pool), (), generator=g)]
+
+
+def _label_index(store: ConditionStore, labels) -> Tensor:
+    labels = [int(labels)] if isinstance(labels, int) else [int(x) for x in labels]
+    missing = [x for x in labels if not (store.labels == x).any()]
+    if missing or not labels:
+        raise ValueError(f"the condition store holds no condition labelled {missing or labels}")
+    return torch.isin(store.labels, torch.tensor(labels, dtype=store.labels.dtype))
+
+
+def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainConfig, targets: LoRA | None = None,
+             batch: int = 16, seed: int = 0, near: Neighbourhood | None = None) -> list[dict]:
+    """Fine-tune the generator so that the stored conditions ``moved`` ((n,) bool) yield ``targets``
+    (a LoRA with one sample per moved condition; None: the zero update) while every other stored
+    condition keeps the update it has now. Uses the store only (no data).
+
+    With ``near``, both sides are drawn from the neighbourhood of their stored conditions: kept ones
+    hold the update the generator made before this call (a frozen copy is the teacher), moved ones go
+    to zero (``near`` needs ``targets`` None). Each step draws ``batch`` kept and ``batch`` moved
+    conditions (a function of ``seed`` and the step). Returns the trainer's history (losses ``keep``
+    and ``move``).
+    """
+    if near is not None and targets is not None:
+        raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
+    moved_idx, kept = moved.nonzero().flatten(), (~moved).nonzero().flatten()
+    device = _device(fm)
+    teacher = None if near is None else copy.deepcopy(fm).requires_grad_(False).eval()
     old = generate_all(fm, store.conditions)
     norm = product_sq_distance(old).mean().clamp(min=1e-12)
-    device = _device(fm)
+    labels, moved_dev = store.labels.long(), moved.to(device)
 
-    def batch_fn(step: int) -> tuple[Tensor, Tensor]:
+    def draw(pool: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = pool[torch.randint(len(pool), (batch,), generator=g)] if len(pool) else pool
+        return idx, (store.conditions[idx].float() if near is None else near.sample(store.conditions, labels, idx, g))
+
+    def batch_fn(step: int):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        pick = lambda pool: pool[torch.randint(len(pool), (batch,), generator=g)] if len(pool) else pool
-        return pick(kept), pick(removed)
+        (ki, kc), (mi, mc) = draw(kept, g), draw(moved_idx, g)
+        return torch.cat([ki, mi]), torch.cat([kc, mc]).to(device)
 
-    def loss_fn(model, pair):
-        keep_idx, removed_idx = pair
-        new_keep = model.generate(store.conditions[keep_idx].float().to(device))
-        new_removed = model.generate(store.conditions[removed_idx].float().to(device))
-        keep = product_sq_distance(new_keep, old[keep_idx]).mean() / norm if len(kept) else torch.zeros((), device=device)
-        zero = product_sq_distance(new_removed).mean() / norm
-        return keep + zero, {"keep": keep.detach(), "zero": zero.detach()}
+    @torch.no_grad()
+    def goals(idx: Tensor, c: Tensor) -> tuple[LoRA, Tensor]:
+        """Per drawn condition: the update it keeps and whether it moves instead."""
+        moving = moved_dev[idx.to(device)]
+        if near is not None:
+            return teacher.generate(c), moving
+        if targets is None:
+            return old[idx], moving
+        on = moved[idx]  # drawn kept first, then moved
+        return LoRA.cat([old[idx[~on]], targets[torch.searchsorted(moved_idx, idx[on])]]), moving
+
+    def loss_fn(model, drawn):
+        idx, c = drawn
+        want, moving = goals(idx, c)
+        new = model.generate(c)
+        zero = torch.zeros((), device=device)
+        to_want = product_sq_distance(new, want) / norm
+        to_zero = product_sq_distance(new) / norm if targets is None else to_want
+        keep = to_want[~moving].mean() if (~moving).any() else zero
+        move = to_zero[moving].mean() if moving.any() else zero
+        return keep + move, {"keep": keep.detach(), "move": move.detach()}
 
     trainer = Trainer(fm, loss_fn, config)
     trainer.fit(batch_fn)
     fm.eval()
     return trainer.history
+
+
+def forget(fm: nn.Module, store: ConditionStore, labels: int | list[int], config: TrainConfig, batch: int = 16,
+           seed: int = 0, near: Neighbourhood | None = None) -> list[dict]:
+    """Drive one or several labels' updates to zero, keeping every other stored condition's update
+    (``retarget``; with ``near``, on the neighbourhood of the stored conditions too)."""
+    return retarget(fm, store, _label_index(store, labels), config, None, batch, seed, near)
+
+
+def relearn(fm: nn.Module, store: ConditionStore, labels: int | list[int], updates: LoRA, config: TrainConfig,
+            batch: int = 16, seed: int = 0) -> list[dict]:
+    """Undo a removal: bring the labels' stored conditions back to ``updates`` (``generate_all`` of
+    them, in store order, recorded before ``forget``), keeping the other stored conditions."""
+    moved = _label_index(store, labels)
+    if len(updates) != int(moved.sum()):
+        raise ValueError(f"{len(updates)} recorded updates for {int(moved.sum())} stored conditions")
+    return retarget(fm, store, moved, config, updates, batch, seed)

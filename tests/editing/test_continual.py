@@ -51,7 +51,8 @@ def tiny_config(tmp_path_factory):
     stages = BenchmarkConfig.quick(steps=3, batch=4, editor={"width": 32, "depth": 2, "heads": 2}, conditions=["encoders"],
                                    seeds=[0], cache_dir=str(tmp_path_factory.mktemp("cache")))
     return ContinualConfig.quick(stages, groups={"A": ["blur", "sharpen"], "B": ["brighten", "darken"]},
-                                 train_per_group=24, test_per_group=8, store_per_edit=2, replay_batch=4, forget_steps=3)
+                                 train_per_group=24, test_per_group=8, store_per_edit=2, replay_batch=4, forget_steps=3,
+                                 relearn_steps=3)
 
 
 @pytest.fixture(scope="module")
@@ -120,13 +121,15 @@ def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     assert r["methods"]["fm_replay"]["storage"]["store"] == store["bytes"] > 0
     assert r["methods"]["fm_naive"]["storage"]["store"] == 0
     f = r["forget"]
-    assert f["edit"] == "blur"
-    for key in ("removed_psnr_to_base", "kept_psnr_before", "kept_psnr_after"):
-        assert math.isfinite(f[key])
+    assert f["edits"] == ["blur"]
+    for key in ("removed_psnr_to_base", "removed_psnr_to_base_seen", "kept_psnr_before", "kept_psnr_after",
+                "near_miss_psnr_before", "near_miss_psnr_after", "relearn_psnr"):
+        assert math.isfinite(f[key]), key
     assert set(f["kept_per_edit_after"]) == {"sharpen", "brighten", "darken"}
+    assert "sharpen" in f["near_miss_edits"] and set(f["near_miss_per_edit_after"]) == set(f["near_miss_edits"])
     for name in ("continual.json", "continual.png", "continual.md"):
         assert (out / name).is_file(), name
-    assert "Removing an edit" in (out / "continual.md").read_text()
+    assert "Removing edits" in (out / "continual.md").read_text()
     assert r["config"]["benchmark"]["steps"] == cfg.benchmark.steps  # the stages' settings, by composition
 
 
@@ -148,7 +151,7 @@ def test_cli_registers_the_command_with_the_shared_flags(tmp_path):
 
     argv = ["continual", "--quick", "--out", str(tmp_path), "--forget", "blur", "--steps", "7", "--images", "x"]
     args = build_parser(argv).parse_args(argv)
-    assert args.run_cli is cli.run_cli and args.quick and args.forget == "blur"
+    assert args.run_cli is cli.run_cli and args.quick and args.forget == ["blur"]
     cfg = config_from_flags(args)
     assert cfg.benchmark.steps == 7 and cfg.benchmark.images == "x" and cfg.train_per_group == 384
     assert config_from_flags(build_parser(["continual"]).parse_args(["continual"])).benchmark.steps == 600

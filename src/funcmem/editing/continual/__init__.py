@@ -1,10 +1,11 @@
 """Continual learning: teach a trained generator new edits, one group after another, without
-forgetting the old ones; and remove one edit again (``funcmem continual``).
+forgetting the old ones; and remove edits again (``funcmem continual``).
 
     config.py     ContinualConfig (the benchmark's settings by composition), groups, methods
     learners.py   the methods as learners: sequential shared LoRA, LoRA per stage, generator
                   fine-tuned naively or with functional distillation (``funcmem.distill``)
-    protocol.py   stages, the stage x group matrices, summaries, removing an edit, the run
+    protocol.py   stages, the stage x group matrices, summaries, the removal's test sets, the run
+    removal.py    removing edits (``--forget``): the neighbourhood, near misses, metrics, the undo
     report.py     continual.png and continual.md
     cli.py        ``funcmem continual``
 """

@@ -14,6 +14,7 @@ GROUPS = {"A": ["blur", "sharpen", "add_noise", "denoise"],
           "C": ["contrast_up", "contrast_down", "warmer", "cooler"]}
 CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
 EDIT_NAMES = list(EDITS)  # edit ids index this list in every stage
+FORGET_NEAR = {"recombine": True, "noise": 1.5}  # the ablation behind it: docs/continual.md
 STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
                   "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
 
@@ -29,6 +30,9 @@ class ContinualConfig:
         distill_weight: weight of the functional-distillation term (relative to the image MSE).
         replay_batch: stored conditions per step (distillation and forgetting).
         forget_steps, forget_lr: the removal fine-tune (stored conditions only).
+        relearn_steps: the undo's fine-tune (``relearn_psnr``, measured on a copy).
+        forget_near: ``funcmem.distill.Neighbourhood`` settings (all but ``label_positions``): the
+            conditions near the stored ones that the removal also covers; empty: the stored ones only.
         benchmark: the settings of every stage's training (``steps`` is per stage and method; the
             first of ``seeds`` is the run's seed; its example counts are not used).
     """
@@ -39,14 +43,17 @@ class ContinualConfig:
     store_per_edit: int = 8
     distill_weight: float = 1.0
     replay_batch: int = 16
-    forget_steps: int = 300
+    forget_steps: int = 600
     forget_lr: float = 1e-3
+    relearn_steps: int = 300
+    forget_near: dict = field(default_factory=lambda: dict(FORGET_NEAR))
     benchmark: BenchmarkConfig = field(default_factory=lambda: BenchmarkConfig(**STAGE_DEFAULTS["full"]))
 
     @classmethod
     def quick(cls, benchmark: BenchmarkConfig | None = None, **overrides) -> "ContinualConfig":
-        """Under 10 minutes on 2 CPU cores (the base editor cached; it is the quick demo's)."""
-        base = dict(train_per_group=384, test_per_group=96, replay_batch=8, forget_steps=150)
+        """Under 10 minutes on 2 CPU cores (the base editor cached; it is the quick demo's); ``--forget`` adds
+        about 3.5 minutes (600 removal steps and the 150-step undo)."""
+        base = dict(train_per_group=384, test_per_group=96, replay_batch=8, forget_steps=600, relearn_steps=150)
         return cls(**{**base, **overrides},
                    benchmark=benchmark or BenchmarkConfig.quick(**STAGE_DEFAULTS["quick"]))
 

@@ -1,13 +1,13 @@
 """The continual protocol: edit groups taught one stage after another, every method scored on every
-group seen so far after each stage, then (optionally) one edit removed from the ``fm_replay`` generator.
+group seen so far after each stage, then (optionally) edits removed from the ``fm_replay`` generator.
 
 Stage k sees only group k's training examples. After every stage each method is scored (PSNR) on
 the test examples of every group seen so far, which fills a stage x group matrix R (R[i][j]: after
 stage i, on group j); ``summarize`` turns it into average PSNR, forgetting and backward transfer.
 
-Removing an edit (``--forget EDIT``): ``forget_edit`` fine-tunes the ``fm_replay`` generator on
-stored conditions only: the removed edit's conditions are driven to a zero update (the base's
-output), the others are held at their current updates (``funcmem.distill.forget``).
+Removing edits (``--forget EDIT[,EDIT...]``): ``removal.forget_experiment`` fine-tunes the
+``fm_replay`` generator on stored conditions only (and conditions derived from them): the removed
+edits' go to a zero update (the base's output), the others keep their updates.
 
     groups -> per-stage EditSets -> for each stage, each method: learn, score -> matrices
     -> summarize -> continual.json / .png / .md, and a run directory with the fm_replay generator
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ... import distill, io
-from ...train import TrainConfig
+from ... import io
 from .. import rundir
 from ..benchmark.evaluate import evaluate
 from ..benchmark.sets import EditSet, build_set, photo_split
@@ -31,9 +30,9 @@ from ..conditions import TextEncoder, make_encoder
 from ..data import make_examples
 from ..editor import EditorConfig
 from ..methods import Base
-from ..metrics import psnr
 from ..pretrain import load_or_train_editor
 from .config import EDIT_NAMES, METHODS, ContinualConfig
+from . import removal
 from .learners import make_learners
 from .report import plot, report
 
@@ -90,17 +89,7 @@ def make_stages(cfg: ContinualConfig, text_encoder: TextEncoder, encoder, editor
     return stages
 
 
-# ------------------------------------------------------------------ removing an edit
-
-
-def forget_edit(memory, store, edit_id: int, cfg: ContinualConfig) -> list[dict]:
-    """``funcmem.distill.forget`` on the generator of ``memory`` with the run's removal settings."""
-    every = max(1, cfg.forget_steps // 20)
-    config = TrainConfig(steps=cfg.forget_steps, lr=cfg.forget_lr, grad_clip=1.0, warmup_steps=every,
-                         description=f"forget {EDIT_NAMES[edit_id]}", log_every=every)
-    history = distill.forget(memory.fm, store, edit_id, config, batch=cfg.replay_batch, seed=cfg.seed)
-    memory.eval()
-    return history
+# ------------------------------------------------------------------ removing edits
 
 
 def subset(sets: list[EditSet], keep) -> EditSet:
@@ -118,42 +107,30 @@ def subset(sets: list[EditSet], keep) -> EditSet:
     return EditSet(examples, cat(lambda s: s.text_states), cat(lambda s: s.text_mask), raw)
 
 
-@torch.no_grad()
-def psnr_to_base(memory, editor, data: EditSet, condition: str) -> float:
-    """Mean PSNR between the memory's output and the base editor's (high: the update is near zero)."""
-    memory.eval()
-    base = Base(editor)
-    values = [psnr(memory.predict(b), base.predict(b).clamp(0, 1)) for b in data.chunks(condition)]
-    return torch.cat(values).mean().item()
+def removal_sets(cfg: ContinualConfig, stages: list[Stage], edits: list[str], text_encoder, encoder,
+                 editor_cfg: EditorConfig) -> dict[str, EditSet]:
+    """``test``: every stage's test set (other photos, held-out wording); ``seen``: the removed edits on the
+    test photos with training wording (``test_per_group`` examples per removed edit's stage, balanced)."""
+    b = cfg.benchmark
+    _, test_photos = photo_split(b.images, b.data_seed)
+    n = max(len(edits), cfg.test_per_group * len(edits) // 4)
+    ex = make_examples(test_photos, edits, n, b.size, "train", b.data_seed + 1000)
+    ex["edit_ids"] = torch.tensor([EDIT_NAMES.index(e) for e in edits])[ex["edit_ids"]]
+    seen = build_set(ex, text_encoder, {cfg.condition: encoder}, editor_cfg, b.device)
+    return {"test": subset([s.test for s in stages], lambda ids: torch.ones_like(ids, dtype=torch.bool)),
+            "seen": seen}
 
 
-def forget_experiment(learner, editor, test_sets: list[EditSet], edit: str, cfg: ContinualConfig) -> dict:
-    """Remove ``edit`` from a trained ``fm_replay`` learner and measure both sides."""
-    if edit not in EDIT_NAMES:
-        raise ValueError(f"unknown edit {edit!r}; edits: {EDIT_NAMES}")
-    e, cond = EDIT_NAMES.index(edit), cfg.condition
-    removed_set = subset(test_sets, lambda ids: ids == e)
-    kept_set = subset(test_sets, lambda ids: ids != e)
-    if not len(removed_set):
-        raise ValueError(f"edit {edit!r} is in no stage of this run ({cfg.groups})")
-    memory = learner.method
-    before = {"to_base": psnr_to_base(memory, editor, removed_set, cond),
-              "removed": evaluate(memory, removed_set, cond, EDIT_NAMES)["psnr"],
-              "kept": evaluate(memory, kept_set, cond, EDIT_NAMES)}
-    start = time.perf_counter()
-    history = forget_edit(memory, learner.store, e, cfg)
-    seconds = time.perf_counter() - start
-    kept_after = evaluate(memory, kept_set, cond, EDIT_NAMES)
-    return {"edit": edit, "removed_psnr_to_base": psnr_to_base(memory, editor, removed_set, cond),
-            "removed_psnr_to_base_before": before["to_base"],
-            "removed_psnr_to_target_before": before["removed"],
-            "removed_psnr_to_target_after": evaluate(memory, removed_set, cond, EDIT_NAMES)["psnr"],
-            "base_psnr_removed": evaluate(Base(editor), removed_set, cond, EDIT_NAMES)["psnr"],
-            "kept_psnr_before": before["kept"]["psnr"], "kept_psnr_after": kept_after["psnr"],
-            "kept_per_edit_before": {k: v["psnr"] for k, v in before["kept"]["per_task"].items()},
-            "kept_per_edit_after": {k: v["psnr"] for k, v in kept_after["per_task"].items()},
-            "store_conditions_used": len(learner.store), "steps": cfg.forget_steps, "seconds": round(seconds, 1),
-            "final_losses": history[-1] if history else {}}
+def check_forget(cfg: ContinualConfig, forget: list[str], methods) -> None:
+    """Refuse a removal the run cannot make, before anything trains."""
+    if "fm_replay" not in methods:
+        raise ValueError("--forget removes edits from the fm_replay generator: keep fm_replay in the methods")
+    taught = [e for edits in cfg.groups.values() for e in edits]
+    unknown = [e for e in forget if e not in taught]
+    if unknown:
+        raise ValueError(f"edit {unknown[0]!r} is in no stage of this run ({', '.join(taught)})")
+    if not set(taught) - set(forget):
+        raise ValueError("--forget names every edit of the run: nothing would be kept")
 
 
 # ------------------------------------------------------------------ the protocol
@@ -188,16 +165,15 @@ def method_results(taught: dict, learners: dict, cfg: ContinualConfig) -> dict:
     return out
 
 
-def run(cfg: ContinualConfig, out: str | Path, forget: str | None = None, methods=METHODS,
+def run(cfg: ContinualConfig, out: str | Path, forget: list[str] | str | None = None, methods=METHODS,
         progress: bool = True) -> dict:
     """The whole protocol; writes ``continual.json``, ``continual.png``, ``continual.md`` and, with
     ``fm_replay``, a run directory of its final generator (``editing.rundir``) to ``out``."""
     out, b = Path(out), cfg.benchmark
     out.mkdir(parents=True, exist_ok=True)
-    if forget is not None and "fm_replay" not in methods:
-        raise ValueError("--forget removes an edit from the fm_replay generator: keep fm_replay in the methods")
-    if forget is not None and forget not in EDIT_NAMES:
-        raise ValueError(f"unknown edit {forget!r}; edits: {EDIT_NAMES}")
+    forget = [forget] if isinstance(forget, str) else forget
+    if forget:
+        check_forget(cfg, forget, methods)
     timer, start = Timer(), time.perf_counter()
     torch.manual_seed(b.data_seed)
     with timer.stage("base_editor"):
@@ -214,9 +190,11 @@ def run(cfg: ContinualConfig, out: str | Path, forget: str | None = None, method
     results = {"config": asdict(cfg), "stages": [{"name": s.name, "edits": s.edits, "train_examples": len(s.train),
                                                   "test_examples": len(s.test)} for s in stages],
                "base_psnr": base, "methods": method_results(taught, learners, cfg)}
-    if forget is not None:
+    if forget:
         with timer.stage("forget"):
-            results["forget"] = forget_experiment(learners["fm_replay"], editor, [s.test for s in stages], forget, cfg)
+            sets = removal_sets(cfg, stages, forget, text_encoder, encoder, editor_cfg)
+            near = removal.near_misses(forget, text_encoder)
+            results["forget"] = removal.forget_experiment(learners["fm_replay"], editor, sets, forget, near, cfg)
     if "fm_replay" in learners:
         rundir.save_run(out, asdict(b), editor, {"functional_memory": learners["fm_replay"].method})
     results["timing"] = {**timer.seconds, "total": round(time.perf_counter() - start, 1)}

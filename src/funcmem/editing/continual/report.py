@@ -63,16 +63,30 @@ def report(results: dict) -> str:
         lines += [f"The replay store holds {s['conditions']} condition vectors ({s['per_edit']} per edit, shape "
                   f"{s['shape']}, {s['dtype']}) and their edit ids: {s['bytes']:,} bytes; no images.", ""]
     if "forget" in results:
-        f = results["forget"]
-        lines += ["### Removing an edit", "",
-                  f"`--forget {f['edit']}`: {f['steps']} steps on the {f['store_conditions_used']} stored conditions "
-                  "only. "
-                  f"The removed edit's output vs the base editor's: {f['removed_psnr_to_base_before']:.2f} dB before, "
-                  f"**{f['removed_psnr_to_base']:.2f} dB** after (higher = closer to no update); its PSNR to its "
-                  f"own target {f['removed_psnr_to_target_before']:.2f} -> {f['removed_psnr_to_target_after']:.2f} dB "
-                  f"(base editor: {f['base_psnr_removed']:.2f}). The other edits: {f['kept_psnr_before']:.2f} -> "
-                  f"{f['kept_psnr_after']:.2f} dB.", ""]
+        lines += forget_section(results["forget"])
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in results["timing"].items() if k != "total")
     lines += ["![per-group PSNR across stages](continual.png)", "",
               f"Wall time {results['timing']['total']:.0f} s ({parts}).", ""]
     return "\n".join(lines)
+
+
+def forget_section(f: dict) -> list[str]:
+    """The removal's table: PSNR (dB) before and after, on held-out and training wording."""
+    near = ", ".join(f["near_miss_edits"]) or "none"
+    how = ", ".join(f"{k}={v}" for k, v in f["neighbourhood"].items()) or "the stored conditions only"
+    rows = [("removed edits' output vs the base's, held-out wording and photos (high = removed)",
+             f["removed_psnr_to_base_before"], f["removed_psnr_to_base"]),
+            ("removed edits' output vs the base's, training wording",
+             f["removed_psnr_to_base_seen_before"], f["removed_psnr_to_base_seen"]),
+            (f"removed edits vs their targets (base editor: {f['base_psnr_removed']:.2f})",
+             f["removed_psnr_to_target_before"], f["removed_psnr_to_target_after"]),
+            ("kept edits vs their targets", f["kept_psnr_before"], f["kept_psnr_after"]),
+            (f"near misses vs their targets ({near})", f["near_miss_psnr_before"], f["near_miss_psnr_after"])]
+    return ["### Removing edits", "",
+            f"`--forget {','.join(f['edits'])}`: {f['steps']} steps on the {f['store_conditions_used']} stored "
+            f"conditions and their neighbourhood ({how}); no images.", "",
+            "| PSNR (dB) | before | after |", "|---|---|---|",
+            *[f"| {name} | {b:.2f} | {a:.2f} |" for name, b, a in rows], "",
+            f"Undo (re-taught from the removed edits' stored vectors): {f['relearn_psnr']:.2f} dB to their targets "
+            f"(before the removal {f['removed_psnr_to_target_before']:.2f}); kept edits then "
+            f"{f['relearn_kept_psnr']:.2f}.", ""]
