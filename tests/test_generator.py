@@ -229,5 +229,5 @@ def test_training_after_inference_mode_generation():
     cond = torch.randn(2, 3, fm.condition_dim)
     with torch.inference_mode():
         served = fm.generate(cond).flatten()
-    fm.generate(cond).flatten().pow(2).sum().backward()  # raised "Inference tensors cannot be saved for backward" with one cache for both
+    fm.generate(cond).flatten().pow(2).sum().backward()  # raised "Inference tensors cannot be saved for backward" before
     torch.testing.assert_close(fm.generate(cond).flatten().detach(), served)
