@@ -222,7 +222,7 @@ class MiniLMEfficientNet:
     """
 
     def __init__(self, text_encoder: TextEncoder | None = None, image_encoder: ImageEncoder | None = None,
-                 max_tokens: int = 16):
+                 max_tokens: int = 32):
         self.text_encoder = text_encoder or TextEncoder()
         self.image_encoder = image_encoder or ImageEncoder()
         self.max_tokens = max_tokens
