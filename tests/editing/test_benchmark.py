@@ -13,9 +13,14 @@ from funcmem.editing.benchmark import BenchmarkConfig, run
 from funcmem.editing.benchmark.evaluate import mean_over_seeds
 from funcmem.editing.benchmark.report import write_report
 from funcmem.editing.benchmark.training import matched_rank
+from funcmem.editing.editor import Editor, EditorConfig
+from funcmem.editing.methods import Bank
+from funcmem.editing.ops import FAMILY
 from funcmem.editing.rundir import REQUIRED_FILES
+from funcmem.editing.tasks import EVAL_SPLITS, HELD_OUT_PAIRS
 
-METHOD_KEYS = {"base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory"}
+METHOD_KEYS = {"identity", "base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora",
+               "functional_memory"}
 
 
 @pytest.fixture(scope="module")
@@ -31,20 +36,35 @@ def tiny_run(tmp_path_factory):
     return out, cfg
 
 
+def check_contract(table: dict, families: set[str]) -> None:
+    """``eval[split][method] = {psnr, psnr_std, ssim, per_edit}`` for every split; lora_sum on compositions only."""
+    assert list(table) == list(EVAL_SPLITS)
+    held_out_pairs = {f"{a} + {b}" for p in HELD_OUT_PAIRS for a, b in (p, p[::-1])}
+    for split, methods in table.items():
+        assert METHOD_KEYS <= set(methods), split
+        assert ("lora_sum" in methods) == (split == "held_out_compositions")
+        for m, entry in methods.items():
+            assert {"psnr", "psnr_std", "ssim", "per_edit"} <= set(entry) and math.isfinite(entry["psnr"]), (split, m)
+            edits = set(entry["per_edit"])
+            if split == "held_out_compositions":
+                assert edits <= held_out_pairs and edits
+            else:
+                assert edits <= families and edits, (split, m)
+                if split.endswith("wording"):  # singles cycle through every edit
+                    assert edits == families, (split, m)
+
+
 @pytest.mark.slow
 def test_results_json_has_every_key(tiny_run):
     out, cfg = tiny_run
     r = json.loads((out / "results.json").read_text())
-    assert len(r["tasks"]) >= 12
-    assert METHOD_KEYS <= set(r["methods"])
-    for m in METHOD_KEYS:
-        entry = r["methods"][m]
-        assert {"psnr", "ssim", "per_task", "psnr_std"} <= set(entry)
-        assert set(entry["per_task"]) == set(r["tasks"]) and math.isfinite(entry["psnr"])
-    # the same methods on seen phrasings of the test photos, and the instruction probe
-    assert METHOD_KEYS <= set(r["methods_seen_phrasings"])
+    assert r["tasks"] == list(FAMILY)
+    check_contract(r["eval"], set(FAMILY))
+    for methods in r["eval"].values():  # doing nothing scores the same for every seed
+        assert methods["identity"]["psnr_std"] == 0 and methods["base"]["psnr_std"] == 0
+        assert methods["identity"]["per_seed_psnr"] == [methods["identity"]["psnr"]] * len(cfg.seeds)
     # a generator told the edit's label, and every method on training examples (fit, beside generalisation)
-    assert "functional_memory[label]" in r["methods"]
+    assert all("functional_memory[label]" in methods for methods in r["eval"].values())
     assert METHOD_KEYS | {"functional_memory[label]"} <= set(r["methods_train"])
     assert all(math.isfinite(v["psnr"]) for v in r["methods_train"].values())
     warm = r["warm_start"]["functional_memory[label]"]  # distilled from the trained bank before its own training
@@ -59,13 +79,17 @@ def test_results_json_has_every_key(tiny_run):
     assert -1 <= r["manifold"]["silhouette"] <= 1
     assert set(r["scaling"]["depth"]) == {"1", "2"} and set(r["scaling"]["rank"]) == {"2", "4"}
     assert r["params"]["shared_lora_matched"] >= r["params"]["functional_memory"]
+    assert r["storage"]["num_tasks"] == len(FAMILY)
     assert {"generate", "generate_and_edit", "base_edit"} <= set(r["timing"]["edit_latency_ms"])
     # no test photo is a train photo
     assert not set(r["splits"]["train_photos"]) & set(r["splits"]["test_photos"])
+    assert r["splits"]["test_examples"] == {s: cfg.test_examples for s in EVAL_SPLITS}
     for name in ("report.md", "edits.png", "conflict.png", "manifold.png", "scaling.png", "manifest.json"):
         assert (out / name).is_file(), name
     for name in (*REQUIRED_FILES, "per_task_lora/keys.safetensors", "shared_lora_matched/config.json"):
         assert (out / name).is_file(), name  # the run directory
+    report = (out / "report.md").read_text()
+    assert "## Findings" in report and "held-out compositions" in report and "lora_sum" in report
 
 
 @pytest.mark.slow
@@ -84,8 +108,8 @@ def test_eval_command_on_another_folder(tiny_run, tmp_path):
     for i in range(2):
         Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / f"p{i}.png")
     assert main(["eval", "--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "e.json")]) == 0
-    table = json.loads((tmp_path / "e.json").read_text())["methods"]
-    assert METHOD_KEYS <= set(table)
+    result = json.loads((tmp_path / "e.json").read_text())
+    check_contract(result["eval"], set(FAMILY))
 
 
 def test_matched_rank_reaches_the_generator_size():
@@ -96,7 +120,26 @@ def test_matched_rank_reaches_the_generator_size():
 
 
 def test_seed_aggregation():
-    runs = [{"psnr": 20.0, "ssim": 0.5, "per_task": {"a": {"psnr": 20.0, "ssim": 0.5}}},
-            {"psnr": 22.0, "ssim": 0.7, "per_task": {"a": {"psnr": 22.0, "ssim": 0.7}}}]
+    runs = [{"psnr": 20.0, "ssim": 0.5, "per_edit": {"a": {"psnr": 20.0, "ssim": 0.5}}},
+            {"psnr": 22.0, "ssim": 0.7, "per_edit": {"a": {"psnr": 22.0, "ssim": 0.7}}}]
     m = mean_over_seeds(runs)
-    assert m["psnr"] == 21.0 and m["psnr_std"] == pytest.approx(2 ** 0.5) and m["per_task"]["a"]["psnr"] == 21.0
+    assert m["psnr"] == 21.0 and m["psnr_std"] == pytest.approx(2 ** 0.5) and m["per_edit"]["a"]["psnr"] == 21.0
+
+
+def test_lora_sum_adds_both_edits_updates():
+    """Bank route "sum": B1 A1 + B2 A2 for a composition, the edit's own LoRA for a single edit."""
+    torch.manual_seed(0)
+    editor = Editor(EditorConfig(width=32, depth=1, heads=2, image_size=8))
+    bank = Bank(editor, ["img_mlp.fc1"], rank=2, alpha=2.0, num=4)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_()
+    batch = {"edit_ids": torch.tensor([0, 1, 3]), "second_ids": torch.tensor([2, -1, 0])}
+    bank.route = "sum"
+    summed = bank.summed(batch)
+    A, B = bank.lora().factors[next(iter(bank.lora().factors))]
+    a, b = summed.factors[next(iter(summed.factors))]
+    delta = lambda i, j: B[i] @ A[i] + (B[j] @ A[j] if j >= 0 else 0)
+    for row, (i, j) in enumerate([(0, 2), (1, -1), (3, 0)]):
+        torch.testing.assert_close(b[row] @ a[row], delta(i, j))
+    assert summed.scale == bank.lora().scale

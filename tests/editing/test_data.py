@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from funcmem.editing.data import (
-    PHOTO_SOURCES, Photo, fit_scale, load_folder, load_photos, make_examples, manifest, random_crops, split_photos,
+    PHOTO_SOURCES, Photo, fit_scale, load_folder, load_photos, manifest, random_crops, split_photos,
 )
 from funcmem.editing.ops import EDITS
+from funcmem.editing.tasks import make_examples
 
 
 @pytest.fixture(scope="module")

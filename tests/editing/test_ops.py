@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from funcmem.editing.ops import (
-    COLOURS, EDITS, FAMILY, INVERSE_PAIRS, LEGACY, PERCENT, RESTORE_RANGE, STRENGTH_WORDS, TEMPERATURE_GAIN, TINT_AMOUNT, UNSHARP_SIGMA,
-    age, fixed_pattern, gaussian_blur, luminance, sigmoid_contrast, unsharp_mask,
+    COLOURS, EDITS, FAMILY, INVERSE_PAIRS, LEGACY, PERCENT, RESTORE_RANGE, STRENGTH_WORDS, TEMPERATURE_GAIN, TINT_AMOUNT,
+    UNSHARP_SIGMA, age, fixed_pattern, gaussian_blur, luminance, sigmoid_contrast, unsharp_mask,
 )
 
 FORWARD = [name for name, e in EDITS.items() if e.has_strength]

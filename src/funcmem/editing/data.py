@@ -3,7 +3,6 @@
     load_photos() / load_folder(path)  -> [Photo]            image (3, H, W) in [0, 1]
     split_photos(photos)               -> train, test        by source photo, seeded
     random_crops(photo, n, size, rng)  -> (n, 3, size, size)
-    make_examples(photos, edits, ...)  -> inputs, targets, instructions, edit_ids (single edits)
 
 The default photos ship inside scikit-image, scikit-learn, matplotlib and sporco. They are read
 from each installed package's own folder (found with ``importlib.util.find_spec``, without
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .images import ImageError, read_rgb
-from .ops import EDITS, Edit
 
 _SPORCO = "public domain or freely redistributable per sporco's data/README.rst: "
 PHOTO_SOURCES: dict[str, tuple[str, str, str]] = {  # name -> (package, file inside it, licence)
@@ -192,37 +190,3 @@ def random_crops(photo: Photo | Tensor, n: int, size: int, rng: torch.Generator,
     if n == 0:
         return image.new_empty(0, 3, size, size)
     return torch.stack([image[:, t:t + size, l:l + size] for t, l in zip(tops, lefts)])
-
-
-def make_examples(photos: Sequence[Photo], edits: Sequence[str | Edit] | None = None, n: int = 256,
-                  size: int = 32, split: str = "train", seed: int = 0) -> dict:
-    """A deterministic set of single-edit examples (``tasks.make_task_examples`` of the split
-    "seen_wording" for ``split="train"``, "held_out_wording" for ``split="test"``).
-
-    Every example draws a photo uniformly and a random crop of it; edits are balanced (counts
-    differ by at most one); each instruction comes from ``split``'s phrasing set and states the
-    edit's default, a strength word or a training value. Pass the photos of the same split.
-
-    Args:
-        photos: source photos.
-        edits: edit names or ``Edit``s; all of ``EDITS`` by default. ``edit_ids`` index this list.
-        n: number of examples.
-        size: crop side S.
-        split: "train" or "test" phrasings.
-        seed: everything (crops, edits, phrasings, values, damage) follows from it.
-    Returns:
-        dict with ``inputs`` (n, 3, S, S), ``targets`` (n, 3, S, S), ``instructions`` (list of n
-        str), ``instances`` (n ``tasks.Instance``) and ``edit_ids`` (n,) long.
-    """
-    from .tasks import EDIT_NAMES, make_task_examples
-
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    names = [e.name if isinstance(e, Edit) else e for e in (list(EDITS) if edits is None else edits)]
-    unknown = [e for e in names if e not in EDITS]
-    if unknown:
-        raise ValueError(f"unknown edits {unknown}; edits: {list(EDITS)}")
-    ex = make_task_examples(photos, "seen_wording" if split == "train" else "held_out_wording", n, size, seed, names)
-    local = torch.tensor([names.index(EDIT_NAMES[int(k)]) for k in ex["edit_ids"]], dtype=torch.long)
-    return {"inputs": ex["inputs"], "targets": ex["targets"], "instructions": ex["instructions"],
-            "instances": ex["instances"], "edit_ids": local}

@@ -135,7 +135,8 @@ HELD_OUT: dict[str, tuple[str, ...]] = {
                       "make everything look dull and gentle", "tame the harshness", "give the frame a low key subdued character"),
     "warmer": ("make the scene feel like golden hour", "give the shot a cozy candlelit glow", "make it feel like a summer sunset",
                "bathe the frame in late afternoon sun", "give everything a toasty fireside vibe", "make the scene feel sunbaked"),
-    "cooler": ("make the scene feel like a winter morning", "make the shot icy and frosty", "make it feel like an overcast arctic day",
+    "cooler": ("make the scene feel like a winter morning", "make the shot icy and frosty",
+               "make it feel like an overcast arctic day",
                "give everything a wintry snowy atmosphere", "make the scene look like it was shot in a frozen fjord",
                "give the frame a glacial chill"),
     "saturate": ("make everything look lush and vibrant", "give the scene a technicolor splendour", "make the palette juicier",
@@ -144,8 +145,8 @@ HELD_OUT: dict[str, tuple[str, ...]] = {
     "desaturate": ("make the scene look pastel", "give the shot a bleached look", "make the scene look almost monochrome",
                    "drain the frame until it is nearly grey", "make everything look drab and greyish",
                    "make the scene look chalky and anaemic"),
-    "tint": ("drench the scene in {colour}", "steep the frame in {colour}", "soak the picture in {colour}", "dye the scene {colour}",
-             "lay a {colour} veil over the whole shot", "douse the scene in {colour}"),
+    "tint": ("drench the scene in {colour}", "steep the frame in {colour}", "soak the picture in {colour}",
+             "dye the scene {colour}", "lay a {colour} veil over the whole shot", "douse the scene in {colour}"),
 }
 
 # ---------------------------------------------------------------- keywords

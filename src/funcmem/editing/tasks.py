@@ -4,6 +4,7 @@ value each should take; the splits hold out wording, values and pairs.
     sample_instance(split, rng)                       -> Instance(edits, values, kinds, text)
     apply_instances(crops, instances, rng)            -> inputs, targets      (B, 3, S, S)
     make_task_examples(photos, split, n, size, seed)  -> dict of examples
+    make_examples(photos, edits, n, size, "train"/"test", seed) -> single edits, local edit ids
 
 An instruction is a phrasing (``funcmem.editing.phrasings``) with a value: none (the edit's
 default), a strength word ("slightly", "strongly") or a number ("by 40%", "by 2 px"); tint names a
@@ -32,7 +33,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .ops import COLOURS, EDITS, FAMILY, INVERSE_PAIRS, STRENGTH_WORDS
+from .data import Photo, random_crops
+from .ops import COLOURS, EDITS, FAMILY, INVERSE_PAIRS, STRENGTH_WORDS, Edit
 
 EDIT_NAMES = list(EDITS)  # edit ids index this list: the family's edits first (ids 0 .. len(FAMILY) - 1)
 
@@ -190,8 +192,6 @@ def make_task_examples(photos, split: str, n: int = 256, size: int = 32, seed: i
         (n ``Instance``), ``edit_ids`` (n,) long (the first edit, in ``EDIT_NAMES``),
         ``second_ids`` (n,) long (the second edit, -1 for single edits), ``photos`` (n photo names).
     """
-    from .data import random_crops
-
     if not photos:
         raise ValueError("make_task_examples needs at least one photo")
     if split not in SPLITS:
@@ -222,3 +222,35 @@ def language_extra() -> dict[str, set[str]]:
     """Keywords an edit owns beyond its phrasings' words: tint owns every colour name and "rgb"
     (for ``phrasings.check_language``)."""
     return {"tint": set(COLOURS) | {"rgb"}}
+
+
+def make_examples(photos: Sequence[Photo], edits: Sequence[str | Edit] | None = None, n: int = 256,
+                  size: int = 32, split: str = "train", seed: int = 0) -> dict:
+    """A deterministic set of single-edit examples (``tasks.make_task_examples`` of the split
+    "seen_wording" for ``split="train"``, "held_out_wording" for ``split="test"``).
+
+    Every example draws a photo uniformly and a random crop of it; edits are balanced (counts
+    differ by at most one); each instruction comes from ``split``'s phrasing set and states the
+    edit's default, a strength word or a training value. Pass the photos of the same split.
+
+    Args:
+        photos: source photos.
+        edits: edit names or ``Edit``s; all of ``EDITS`` by default. ``edit_ids`` index this list.
+        n: number of examples.
+        size: crop side S.
+        split: "train" or "test" phrasings.
+        seed: everything (crops, edits, phrasings, values, damage) follows from it.
+    Returns:
+        dict with ``inputs`` (n, 3, S, S), ``targets`` (n, 3, S, S), ``instructions`` (list of n
+        str), ``instances`` (n ``tasks.Instance``) and ``edit_ids`` (n,) long.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = [e.name if isinstance(e, Edit) else e for e in (list(EDITS) if edits is None else edits)]
+    unknown = [e for e in names if e not in EDITS]
+    if unknown:
+        raise ValueError(f"unknown edits {unknown}; edits: {list(EDITS)}")
+    ex = make_task_examples(photos, "seen_wording" if split == "train" else "held_out_wording", n, size, seed, names)
+    local = torch.tensor([names.index(EDIT_NAMES[int(k)]) for k in ex["edit_ids"]], dtype=torch.long)
+    return {"inputs": ex["inputs"], "targets": ex["targets"], "instructions": ex["instructions"],
+            "instances": ex["instances"], "edit_ids": local}

@@ -62,9 +62,10 @@ def run_cli(args: argparse.Namespace) -> int:
     figures = io.torch_load(Path(args.out) / "figures.pt", allow_numpy=True)  # weights_only: no code runs
     write_report(Path(args.out), results, figures)
     (Path(args.out) / "figures.pt").unlink()
-    m = results["methods"]
     fit = results.get("methods_train", {})
-    print("\n".join(f"{k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}"
-                    + (f"  (training examples {fit[k]['psnr']:.2f})" if k in fit else "") for k, v in m.items()))
+    for split, table in results["eval"].items():
+        print(split)
+        print("\n".join(f"  {k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}"
+                        + (f"  (training examples {fit[k]['psnr']:.2f})" if k in fit else "") for k, v in table.items()))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

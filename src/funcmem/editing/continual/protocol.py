@@ -28,7 +28,7 @@ from ..benchmark.evaluate import evaluate
 from ..benchmark.sets import EditSet, build_set, photo_split
 from ..benchmark.training import Timer
 from ..conditions import TextEncoder, make_encoder
-from ..data import make_examples
+from ..tasks import make_examples
 from ..editor import EditorConfig
 from ..methods import Base
 from ..metrics import psnr
@@ -138,20 +138,20 @@ def forget_experiment(learner, editor, test_sets: list[EditSet], edit: str, cfg:
         raise ValueError(f"edit {edit!r} is in no stage of this run ({cfg.groups})")
     memory = learner.method
     before = {"to_base": psnr_to_base(memory, editor, removed_set, cond),
-              "removed": evaluate(memory, removed_set, cond, EDIT_NAMES)["psnr"],
-              "kept": evaluate(memory, kept_set, cond, EDIT_NAMES)}
+              "removed": evaluate(memory, removed_set, cond)["psnr"],
+              "kept": evaluate(memory, kept_set, cond)}
     start = time.perf_counter()
     history = forget_edit(memory, learner.store, e, cfg)
     seconds = time.perf_counter() - start
-    kept_after = evaluate(memory, kept_set, cond, EDIT_NAMES)
+    kept_after = evaluate(memory, kept_set, cond)
     return {"edit": edit, "removed_psnr_to_base": psnr_to_base(memory, editor, removed_set, cond),
             "removed_psnr_to_base_before": before["to_base"],
             "removed_psnr_to_target_before": before["removed"],
-            "removed_psnr_to_target_after": evaluate(memory, removed_set, cond, EDIT_NAMES)["psnr"],
-            "base_psnr_removed": evaluate(Base(editor), removed_set, cond, EDIT_NAMES)["psnr"],
+            "removed_psnr_to_target_after": evaluate(memory, removed_set, cond)["psnr"],
+            "base_psnr_removed": evaluate(Base(editor), removed_set, cond)["psnr"],
             "kept_psnr_before": before["kept"]["psnr"], "kept_psnr_after": kept_after["psnr"],
-            "kept_per_edit_before": {k: v["psnr"] for k, v in before["kept"]["per_task"].items()},
-            "kept_per_edit_after": {k: v["psnr"] for k, v in kept_after["per_task"].items()},
+            "kept_per_edit_before": {k: v["psnr"] for k, v in before["kept"]["per_edit"].items()},
+            "kept_per_edit_after": {k: v["psnr"] for k, v in kept_after["per_edit"].items()},
             "store_conditions_used": len(learner.store), "steps": cfg.forget_steps, "seconds": round(seconds, 1),
             "final_losses": history[-1] if history else {}}
 
@@ -168,7 +168,7 @@ def teach(stages: list[Stage], learners: dict, cfg: ContinualConfig, timer: Time
             with timer.stage(m):
                 learner.learn(k, stage.train, f"{m}: stage {stage.name}")  # stage k's data only
                 for j in range(k + 1):
-                    out[m]["matrix"][k][j] = evaluate(learner.method, stages[j].test, cfg.condition, EDIT_NAMES)["psnr"]
+                    out[m]["matrix"][k][j] = evaluate(learner.method, stages[j].test, cfg.condition)["psnr"]
             out[m]["storage"].append(learner.storage())
     return out
 
@@ -210,7 +210,7 @@ def run(cfg: ContinualConfig, out: str | Path, forget: str | None = None, method
         stages = make_stages(cfg, text_encoder, encoder, editor_cfg)
     learners = make_learners(editor, encoder, stages[0].train, cfg, methods)
     taught = teach(stages, learners, cfg, timer)
-    base = [evaluate(Base(editor), s.test, cfg.condition, EDIT_NAMES)["psnr"] for s in stages]
+    base = [evaluate(Base(editor), s.test, cfg.condition)["psnr"] for s in stages]
     results = {"config": asdict(cfg), "stages": [{"name": s.name, "edits": s.edits, "train_examples": len(s.train),
                                                   "test_examples": len(s.test)} for s in stages],
                "base_psnr": base, "methods": method_results(taught, learners, cfg)}
