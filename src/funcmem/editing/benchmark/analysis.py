@@ -202,7 +202,7 @@ def sample_rows(evals: dict, condition: str, methods: dict) -> dict:
 @torch.no_grad()
 def instruction_probe(text_encoder, train_set, *eval_sets) -> list[float]:
     """How well the instruction alone names its edit: nearest-centroid accuracy of MiniLM sentence
-    embeddings (centroids from the training instructions), one value per evaluation set.
+    embeddings (centroids from the single-edit training instructions), one value per evaluation set.
 
     This bounds what any method that reads the instruction through MiniLM can know about the edit;
     the per-task oracle is told the edit instead.
@@ -210,8 +210,9 @@ def instruction_probe(text_encoder, train_set, *eval_sets) -> list[float]:
     def embed(data):
         return F.normalize(text_encoder.embed(list(data.instructions)).cpu(), dim=-1)
 
-    ids = train_set.edit_ids.cpu()
-    emb = embed(train_set)
+    single = (train_set.second_ids < 0).cpu()  # centroids from single-edit instructions only
+    ids = train_set.edit_ids.cpu()[single]
+    emb = embed(train_set)[single]
     centroids = F.normalize(torch.stack([emb[ids == k].mean(0) for k in ids.unique()]), dim=-1)
     keys = ids.unique()
     return [(keys[(embed(d) @ centroids.T).argmax(-1)] == d.edit_ids.cpu()).float().mean().item() for d in eval_sets]
