@@ -12,6 +12,7 @@ from funcmem.cli import main
 from funcmem.editing.benchmark import BenchmarkConfig, run
 from funcmem.editing.benchmark.evaluate import mean_over_seeds
 from funcmem.editing.benchmark.report import write_report
+from funcmem.editing.benchmark.run import methods_table
 from funcmem.editing.benchmark.training import matched_rank
 from funcmem.editing.editor import Editor, EditorConfig
 from funcmem.editing.methods import Bank
@@ -29,7 +30,8 @@ def tiny_run(tmp_path_factory):
     cfg = BenchmarkConfig.quick(train_examples=192, test_examples=72, steps=6, editor_steps=8, batch=8,
                                 cache_dir=str(tmp_path_factory.mktemp("cache")), scaling_depths=[1, 2],
                                 scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2},
-                                conditions=["encoders", "label"], warm_start=["label"], warm_start_steps=20)
+                                skip_methods=[], conditions=["encoders", "label"], warm_start=["label"],
+                                warm_start_steps=20)
     results = run(cfg, out, progress=False)
     figures = torch.load(out / "figures.pt", weights_only=False)
     write_report(out, results, figures)
@@ -117,6 +119,15 @@ def test_matched_rank_reaches_the_generator_size():
         in_features, out_features = 96, 288
 
     assert matched_rank(10_000, [T()]) == math.ceil(10_000 / 384)
+
+
+def test_the_quick_run_has_two_seeds_and_leaves_out_only_the_matched_lora():
+    quick, full = BenchmarkConfig.quick(), BenchmarkConfig()
+    assert len(quick.seeds) == 2 and len(full.seeds) == 3
+    names = lambda cfg: sorted(m.name for m in methods_table(cfg))
+    trained = ["functional_memory", "functional_memory[label]", "per_task_lora", "shared_lora"]
+    assert names(full) == sorted([*trained, "functional_memory[base-hidden]", "shared_lora_matched"])
+    assert names(quick) == trained
 
 
 def test_seed_aggregation():

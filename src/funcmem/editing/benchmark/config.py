@@ -36,6 +36,7 @@ class BenchmarkConfig:
     scaling_depths: list = field(default_factory=lambda: [1, 2, 4])
     scaling_ranks: list = field(default_factory=lambda: [2, 4, 8])
     conflict_samples: int = 48
+    skip_methods: list = field(default_factory=list)  # rows of ``run.methods_table`` left out (the quick run's time)
     editor: dict = field(default_factory=lambda: EditorConfig().to_dict())
     editor_steps: int = 1500
     images: str | None = None
@@ -45,9 +46,11 @@ class BenchmarkConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "BenchmarkConfig":
-        """The quick run: two seeds (margins against their spread), no scaling sweep, smaller test splits."""
+        """The quick run: two seeds (margins against their spread), smaller test splits; no scaling sweep
+        and no matched shared LoRA (the full run has both)."""
         base = dict(train_examples=2048, test_examples=192, steps=500, conditions=["encoders", "label"], seeds=[0, 1],
-                    scaling_depths=[], scaling_ranks=[], conflict_samples=32, editor_steps=1200)
+                    scaling_depths=[], scaling_ranks=[], conflict_samples=32, editor_steps=1200,
+                    skip_methods=["shared_lora_matched"])
         return cls(**{**base, **overrides})
 
     def generator_config(self, **changes) -> GeneratorConfig:

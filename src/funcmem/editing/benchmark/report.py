@@ -172,8 +172,10 @@ def _results_section(results: dict) -> list[str]:
         "",
         *[line for split in results["eval"] for line in
           (f"### Per edit, {SPLIT_LABELS.get(split, split)}", "", per_edit_table(results, split), "")],
-        f"Trainable parameters: shared LoRA {p['shared_lora']:,} (rank {cfg['rank']}), matched shared LoRA "
-        f"{p['shared_lora_matched']:,} (rank {p['shared_lora_matched_rank']}), per-task LoRAs {p['per_task_lora']:,}, "
+        f"Trainable parameters: shared LoRA {p['shared_lora']:,} (rank {cfg['rank']}), "
+        + (f"matched shared LoRA {p['shared_lora_matched']:,} (rank {p['shared_lora_matched_rank']}), "
+           if "shared_lora_matched" in p else "")
+        + f"per-task LoRAs {p['per_task_lora']:,}, "
         f"functional memory {p['functional_memory']:,} (generator + condition projector); "
         f"{p['generated_per_instance']:,} LoRA numbers generated per instance. Base editor {p['base_editor']:,}.",
         "",

@@ -129,7 +129,8 @@ def _bank_views(ctx: Context, bank: Bank) -> Iterator[str]:
 
 
 def methods_table(cfg: BenchmarkConfig) -> list[Method]:
-    """The benchmark's trained methods in training order (the matched LoRA reads the generator's size)."""
+    """The benchmark's trained methods in training order (the matched LoRA reads the generator's size),
+    less ``cfg.skip_methods``."""
     lr_generator, lr_lora = (lambda c: c.lr_generator), (lambda c: c.lr_lora)
     memories = [Method("functional_memory", "functional memory", _memory(), lr_generator),
                 *[Method(f"functional_memory[{c}]", f"functional memory [{c}]", _memory(c), lr_generator, condition=c)
@@ -139,7 +140,7 @@ def methods_table(cfg: BenchmarkConfig) -> list[Method]:
     table = [*cold, Method("shared_lora", "shared LoRA", _shared, lr_lora, track=_conflict_tracker),
              Method("per_task_lora", "per-task LoRAs", _bank, lr_lora, views=_bank_views), *warm,
              Method("shared_lora_matched", "shared LoRA, matched rank", _matched, lr_lora)]
-    return table
+    return [m for m in table if m.name not in cfg.skip_methods]
 
 
 def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Context:
@@ -206,15 +207,17 @@ def train_methods(ctx: Context, timer: Timer) -> Trained:
 
 def parameter_counts(editor, methods: dict[str, nn.Module]) -> dict:
     """Trainable parameters of the first seed's methods (and what the generator makes per instance)."""
-    memory, shared, matched, bank = (methods[k] for k in ("functional_memory", "shared_lora",
-                                                            "shared_lora_matched", "per_task_lora"))
-    return {"base_editor": editor.count_parameters(), "shared_lora": shared.num_trainable_parameters(),
-            "shared_lora_matched": matched.num_trainable_parameters(), "shared_lora_matched_rank": matched.rank,
-            "min_full_rank": min(min(t.in_features, t.out_features) for t in shared.targets),
-            "per_task_lora": bank.num_trainable_parameters(), "retrieval_lora": bank.num_trainable_parameters(),
-            "functional_memory": memory.num_trainable_parameters(),
-            "functional_memory_generator": memory.fm.num_trainable_parameters(),
-            "generated_per_instance": memory.fm.lora_parameters_per_instance()}
+    memory, shared, bank = (methods[k] for k in ("functional_memory", "shared_lora", "per_task_lora"))
+    out = {"base_editor": editor.count_parameters(), "shared_lora": shared.num_trainable_parameters(),
+           "min_full_rank": min(min(t.in_features, t.out_features) for t in shared.targets),
+           "per_task_lora": bank.num_trainable_parameters(), "retrieval_lora": bank.num_trainable_parameters(),
+           "functional_memory": memory.num_trainable_parameters(),
+           "functional_memory_generator": memory.fm.num_trainable_parameters(),
+           "generated_per_instance": memory.fm.lora_parameters_per_instance()}
+    if "shared_lora_matched" in methods:
+        matched = methods["shared_lora_matched"]
+        out.update(shared_lora_matched=matched.num_trainable_parameters(), shared_lora_matched_rank=matched.rank)
+    return out
 
 
 def analyse(ctx: Context, first: dict[str, nn.Module]) -> tuple[dict, dict]:
@@ -256,7 +259,8 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
         results["scaling"] = scaling(ctx, results["eval"]["seen_wording"]["functional_memory"]["per_seed_psnr"][0])
     with timer.stage("save"):
         rundir.save_run(out, asdict(cfg), ctx.editor, {k: first[k] for k in ("functional_memory", "shared_lora",
-                                                                            "shared_lora_matched", "per_task_lora")})
+                                                                            "shared_lora_matched", "per_task_lora")
+                                                       if k in first})
         io.write_json(out / "manifest.json", {"train": manifest(ctx.photos["train"]), "test": manifest(ctx.photos["test"])})
     results["timing"] = {**timer.seconds, "edit_latency_ms": analysis.edit_latency(memory, ctx.train, ctx.condition)}
     samples = analysis.sample_rows(ctx.evals, ctx.condition, {"base": Base(ctx.editor), **first})
