@@ -3,7 +3,7 @@ spread, and the same sentence flips when the numbers do."""
 
 import copy
 
-from funcmem.editing.benchmark.findings import base_sentence, compare, conflict_sentence, findings, goal_sentences
+from funcmem.editing.benchmark.findings import base_sentence, compare, conflict_sentence, findings, goal_sentences, wins_sentence
 from funcmem.editing.tasks import EVAL_SPLITS
 
 
@@ -52,6 +52,18 @@ def test_stationarity_framing_only_when_the_sign_flips():
     assert "from initialisation on" in conflict_sentence(r) and "cancel" not in conflict_sentence(r)
     r["gradient_conflict"]["by_step"]["500"]["mean_inverse_pairs"] = 0.1
     assert "do not conflict" in conflict_sentence(r)
+
+
+def test_per_edit_wins_are_listed_only_beyond_the_spread():
+    r = results()
+    for split in r["eval"].values():
+        e = lambda psnr: {"psnr": psnr, "psnr_std": 0.1}
+        split["functional_memory"]["per_edit"] = {"tint": e(18.0), "warmer": e(25.0)}
+        split["per_task_lora"]["per_edit"] = {"tint": e(16.0), "warmer": e(24.9)}
+    sentence = wins_sentence(r, "seen_wording")
+    assert "on 1 of 2: tint (+2.00 dB)" in sentence and "warmer" not in sentence
+    r["eval"]["seen_wording"]["per_task_lora"]["per_edit"]["tint"]["psnr"] = 19.0
+    assert wins_sentence(r, "seen_wording").endswith("on 0 of 2.")
 
 
 def test_one_seed_is_said():

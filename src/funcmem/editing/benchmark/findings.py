@@ -80,6 +80,22 @@ def split_sentence(results: dict, split: str) -> str | None:
     return f"{SPLIT_LABELS.get(split, split).capitalize()}: functional memory ({fm['psnr']:.2f} dB) is " + "; ".join(parts) + "."
 
 
+def wins_sentence(results: dict, split: str, rival: str = "per_task_lora") -> str | None:
+    """The edits (or pairs) on which functional memory beats ``rival`` by more than the seeds' spread."""
+    fm, other = entry(results, split, "functional_memory"), entry(results, split, rival)
+    if fm is None or other is None or not fm.get("per_edit"):
+        return None
+    wins = []
+    for edit, e in fm["per_edit"].items():
+        o = other["per_edit"].get(edit)
+        if o is not None:
+            margin = e["psnr"] - o["psnr"]
+            if margin > max(MIN_MARGIN, 2 * math.hypot(e.get("psnr_std", 0.0), o.get("psnr_std", 0.0))):
+                wins.append(f"{edit} ({margin:+.2f} dB)")
+    return (f"On {SPLIT_LABELS.get(split, split)} functional memory beats {LABELS[rival]} on {len(wins)} of "
+            f"{len(fm['per_edit'])}" + (": " + ", ".join(wins) if wins else "") + ".")
+
+
 def goal_sentences(results: dict) -> list[str]:
     """The issue's goals, each met or not, with the margin that decides it."""
     out = []
@@ -139,6 +155,7 @@ def findings(results: dict) -> list[str]:
     """Every finding, in the report's order."""
     out = [f"Seeds: {_seeds(results)}.", base_sentence(results)]
     out += [s for split in results["eval"] if (s := split_sentence(results, split))]
+    out += [s for split in results["eval"] if (s := wins_sentence(results, split))]
     out += goal_sentences(results)
     out += [s for s in (probe_sentence(results), conflict_sentence(results), manifold_sentence(results)) if s]
     return out
