@@ -29,8 +29,7 @@ from .sets import EditSet, build_set
 @torch.no_grad()
 def evaluate(method, data: EditSet, condition: str, **predict_kwargs) -> dict:
     """PSNR / SSIM on a set: means, and per edit (``data.groups``: an edit or a pair)."""
-    if hasattr(method, "eval"):
-        method.eval()
+    method.eval()
     p, s = [], []
     for batch in data.chunks(condition):
         out = method.predict(batch, **predict_kwargs)
@@ -38,7 +37,7 @@ def evaluate(method, data: EditSet, condition: str, **predict_kwargs) -> dict:
         s.append(ssim(out, batch["targets"]))
     p, s = torch.cat(p).cpu(), torch.cat(s).cpu()
     per_edit = {}
-    for name in dict.fromkeys(sorted(data.groups)):
+    for name in sorted(set(data.groups)):
         sel = torch.tensor([g == name for g in data.groups])
         per_edit[name] = {"psnr": p[sel].mean().item(), "ssim": s[sel].mean().item()}
     return {"psnr": p.mean().item(), "ssim": s.mean().item(), "per_edit": per_edit}

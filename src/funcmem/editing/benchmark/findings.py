@@ -57,10 +57,10 @@ def _seeds(results: dict) -> str:
 def base_sentence(results: dict) -> str:
     """Does the frozen base harm images? base - identity on every split."""
     gaps = {s: c[0] for s in results["eval"] if (c := compare(results, s, "base", "identity")) is not None}
-    worst = min(gaps, key=gaps.get)
+    worst, best = min(gaps, key=gaps.get), max(gaps, key=gaps.get)
     if gaps[worst] >= -0.5:
-        return (f"The frozen base does no harm: within {abs(gaps[worst]):.2f} dB of returning the input unchanged on "
-                f"every split (worst: {SPLIT_LABELS.get(worst, worst)}, {gaps[worst]:+.2f} dB).")
+        return (f"The frozen base does no harm: base - identity ranges from {gaps[worst]:+.2f} dB "
+                f"({SPLIT_LABELS.get(worst, worst)}) to {gaps[best]:+.2f} dB ({SPLIT_LABELS.get(best, best)}).")
     return (f"**The frozen base harms images:** on {SPLIT_LABELS.get(worst, worst)} it is {-gaps[worst]:.2f} dB below "
             "returning the input unchanged.")
 
