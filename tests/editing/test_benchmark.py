@@ -13,10 +13,12 @@ from funcmem.editing.benchmark import BenchmarkConfig, run
 from funcmem.editing.benchmark.evaluate import mean_over_seeds
 from funcmem.editing.benchmark.report import write_report
 from funcmem.editing.benchmark.run import methods_table
+from funcmem.editing.benchmark.sets import build_set
 from funcmem.editing.benchmark.training import matched_rank
 from funcmem.editing.editor import Editor, EditorConfig
 from funcmem.editing.methods import Bank
 from funcmem.editing.ops import FAMILY
+from funcmem.editing.pretrain import NEUTRAL
 from funcmem.editing.rundir import REQUIRED_FILES
 from funcmem.editing.tasks import EVAL_SPLITS, HELD_OUT_PAIRS
 
@@ -154,3 +156,24 @@ def test_lora_sum_adds_both_edits_updates():
     for row, (i, j) in enumerate([(0, 2), (1, -1), (3, 0)]):
         torch.testing.assert_close(b[row] @ a[row], delta(i, j))
     assert summed.scale == bank.lora().scale
+
+
+def test_neutral_base_instruction_reaches_only_the_base(text_encoder):
+    """--base-instruction neutral: the editor's text states are the neutral instruction's for every
+    sample, while the condition encoders still read each instruction."""
+    class LengthEncoder:  # a condition encoder whose stream is the instruction's length
+        def raw(self, images, instructions):
+            return {"length": torch.tensor([[float(len(t))] for t in instructions])}
+
+    examples = {"inputs": torch.rand(3, 3, 8, 8), "targets": torch.rand(3, 3, 8, 8), "edit_ids": torch.tensor([0, 1, 2]),
+                "instructions": ["make it brighter", "darken the photo by 40%", "tint it teal"]}
+    cfg = EditorConfig(image_size=8)
+    plain = build_set(examples, text_encoder, {"c": LengthEncoder()}, cfg, "cpu")
+    neutral = build_set(examples, text_encoder, {"c": LengthEncoder()}, cfg, "cpu", base_text=NEUTRAL)
+    keep, _ = text_encoder.encode([NEUTRAL], cfg.max_text_tokens)
+    torch.testing.assert_close(neutral.text_states, keep.expand(3, -1, -1))
+    assert not torch.equal(plain.text_states[0], plain.text_states[1])
+    torch.testing.assert_close(neutral.raw["c"]["length"], plain.raw["c"]["length"])
+    assert neutral.raw["c"]["length"][:, 0].tolist() == [16.0, 23.0, 12.0]
+    with pytest.raises(ValueError, match="base_instruction"):
+        BenchmarkConfig(base_instruction="nothing")

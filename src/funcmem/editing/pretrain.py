@@ -47,6 +47,7 @@ def _grayscale(x: Tensor) -> Tensor:
 KEEP = ["keep it as is", "leave the image unchanged", "no change", "do nothing", "keep the photo exactly as it is",
         "leave the picture untouched", "don't edit anything", "leave it alone", "no edits please",
         "keep everything the same", "the image is good as it is", "nothing to do here"]
+NEUTRAL = KEEP[0]  # the fixed instruction of the neutral-base ablation (``BenchmarkConfig.base_instruction``)
 
 # Phrasings use no word of the benchmark's edits (no colour names either: the channel swaps count
 # channels), so the base never learns the language it is later given; tests/editing/test_phrasings.py checks it.

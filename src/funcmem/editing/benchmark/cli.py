@@ -10,7 +10,7 @@ import torch
 from ... import io
 from ...cli import UsageError, positive_int
 from ..conditions import CONDITIONS
-from .config import BenchmarkConfig
+from .config import BASE_INSTRUCTIONS, BenchmarkConfig
 from .report import write_report
 from .run import run
 
@@ -52,10 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the generator's conditions, the first the main one (rows functional_memory and "
                         f"functional_memory[NAME]); names: {', '.join(CONDITIONS)} (default: encoders,label; the full "
                         "run adds base-hidden)")
+    parser.add_argument("--base-instruction", default="instruction", choices=list(BASE_INSTRUCTIONS),
+                        help="neutral: the frozen base reads a fixed neutral instruction, so only the adapter carries "
+                             "the instance (an ablation)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = benchmark_config(args)
+    cfg.base_instruction = args.base_instruction
     if args.condition:
         cfg.conditions = args.condition
     results = run(cfg, args.out)

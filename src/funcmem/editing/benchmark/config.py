@@ -9,6 +9,12 @@ from ..editor import EditorConfig
 from ..ops import EDITS
 
 
+BASE_INSTRUCTIONS = ("instruction", "neutral")
+"""What the frozen base reads: the sample's instruction, or ``NEUTRAL`` for every sample (the ablation in
+which everything instance-specific reaches the base through the adapter; the condition encoders still
+read the instruction)."""
+
+
 @dataclass
 class BenchmarkConfig:
     """Everything a run depends on (saved as ``config.json`` in the run directory)."""
@@ -37,12 +43,17 @@ class BenchmarkConfig:
     scaling_ranks: list = field(default_factory=lambda: [2, 4, 8])
     conflict_samples: int = 48
     skip_methods: list = field(default_factory=list)  # rows of ``run.methods_table`` left out (the quick run's time)
+    base_instruction: str = "instruction"  # or "neutral" (``BASE_INSTRUCTIONS``)
     editor: dict = field(default_factory=lambda: EditorConfig().to_dict())
     editor_steps: int = 1500
     images: str | None = None
     device: str = "cpu"
     cache_dir: str | None = None
     data_seed: int = 0
+
+    def __post_init__(self):
+        if self.base_instruction not in BASE_INSTRUCTIONS:
+            raise ValueError(f"base_instruction must be one of {BASE_INSTRUCTIONS}, got {self.base_instruction!r}")
 
     @classmethod
     def quick(cls, **overrides) -> "BenchmarkConfig":

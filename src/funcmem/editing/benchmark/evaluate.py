@@ -66,7 +66,8 @@ def evaluate_run(run: str | Path, images: str, out: str | Path | None = None, n:
     table = {}
     for i, split in enumerate(EVAL_SPLITS):
         examples = make_task_examples(photos, split, n, loaded.size, seed + i)
-        data = build_set(examples, loaded.text_encoder, {cond: loaded.encoder}, loaded.editor.config, "cpu")
+        data = build_set(examples, loaded.text_encoder, {cond: loaded.encoder}, loaded.editor.config, "cpu",
+                         loaded.base_text)
         table[split] = {"identity": evaluate(Identity(), data, cond)}
         table[split].update({name: evaluate(m, data, cond) for name, m in loaded.methods.items()})
         if bank is not None:  # the same LoRAs picked by the nearest key, or added for two edits

@@ -28,7 +28,7 @@ from ..data import manifest
 from ..editor import EditorConfig
 from ..methods import Bank, Base, Identity, Shared
 from ..ops import FAMILY
-from ..pretrain import load_or_train_editor
+from ..pretrain import NEUTRAL, load_or_train_editor
 from . import analysis
 from .config import BenchmarkConfig
 from .evaluate import evaluate, mean_over_seeds
@@ -157,7 +157,8 @@ def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Contex
                                       progress=progress).to(device)
     with timer.stage("features"):
         encoders = {c: make_encoder(c, editor, text_encoder) for c in cfg.conditions}
-        sets = {k: build_set(ex, text_encoder, encoders, editor_cfg, device) for k, ex in examples.items()}
+        base_text = NEUTRAL if cfg.base_instruction == "neutral" else None
+        sets = {k: build_set(ex, text_encoder, encoders, editor_cfg, device, base_text) for k, ex in examples.items()}
     return Context(cfg, editor, text_encoder, sets.pop("train"), sets, {c: e.raw_dims for c, e in encoders.items()},
                    {"train": train_photos, "test": test_photos})
 

@@ -61,8 +61,12 @@ def encode_raw(encoder, images: Tensor, instructions: list[str], chunk: int = 12
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def build_set(examples: dict, text_encoder: TextEncoder, encoders: dict, editor_cfg: EditorConfig, device) -> EditSet:
-    states, mask = text_encoder.encode(examples["instructions"], editor_cfg.max_text_tokens)
+def build_set(examples: dict, text_encoder: TextEncoder, encoders: dict, editor_cfg: EditorConfig, device,
+              base_text: str | None = None) -> EditSet:
+    """Frozen features of examples: the editor's text states (of ``base_text`` for every sample when
+    given, else of each instruction) and each condition encoder's raw streams (always the instruction)."""
+    texts = [base_text] * len(examples["instructions"]) if base_text is not None else examples["instructions"]
+    states, mask = text_encoder.encode(texts, editor_cfg.max_text_tokens)
     raw = {name: encode_raw(enc, examples["inputs"], examples["instructions"]) for name, enc in encoders.items()}
     to = lambda t: t.to(device)
     examples = {**examples, "inputs": to(examples["inputs"]), "targets": to(examples["targets"]),
