@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ...generator import GeneratorConfig
 from ..editor import EditorConfig
-from ..ops import EDITS
+from ..ops import FAMILY
 
 
 BASE_INSTRUCTIONS = ("instruction", "neutral")
@@ -32,7 +32,7 @@ class BenchmarkConfig:
     # A LoRA basis of one per edit, and a warm start from the trained bank (docs/fit.md): with
     # both, the label-told generator fits as the bank does (without, 2 dB below it).
     generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
-                                                                     dim_accumulation=4, basis=len(EDITS)).to_dict())
+                                                                     dim_accumulation=4, basis=len(FAMILY)).to_dict())
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
     conditions: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])

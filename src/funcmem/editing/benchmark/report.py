@@ -15,7 +15,9 @@ METHOD_LABELS = {"identity": "identity (input unchanged)", "base": "base editor"
 READS = {"identity": "nothing", "base": "the instruction (MiniLM token states)", "shared_lora": "nothing (one LoRA)",
          "shared_lora_matched": "nothing (one LoRA)", "per_task_lora": "the first edit's label",
          "retrieval_lora": "the condition (nearest key of the bank)", "lora_sum": "both edits' labels",
-         "functional_memory": "the condition (instruction + image), no label"}
+         "functional_memory": "the condition (instruction + image), no label",
+         "functional_memory[label]": "the first edit's label (read off its phrasing), no value",
+         "functional_memory[base-hidden]": "the frozen editor's own last-layer tokens"}
 
 
 def pyplot():
