@@ -42,7 +42,7 @@ class Brighter:
 
 def fake_run(size=8):
     return NS(size=size, text_encoder=Text(), editor=NS(config=NS(max_text_tokens=4)), encoder=Encoder(),
-              methods={"functional_memory": Brighter()})
+              methods={"functional_memory": Brighter()}, base_text=None)
 
 
 def test_edit_image_cleans_the_instruction_and_takes_any_image_size():

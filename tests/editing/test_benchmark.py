@@ -12,10 +12,18 @@ from funcmem.cli import main
 from funcmem.editing.benchmark import BenchmarkConfig, run
 from funcmem.editing.benchmark.evaluate import mean_over_seeds
 from funcmem.editing.benchmark.report import write_report
+from funcmem.editing.benchmark.run import methods_table
+from funcmem.editing.benchmark.sets import build_set
 from funcmem.editing.benchmark.training import matched_rank
+from funcmem.editing.editor import Editor, EditorConfig
+from funcmem.editing.methods import Bank
+from funcmem.editing.ops import FAMILY
+from funcmem.editing.pretrain import NEUTRAL
 from funcmem.editing.rundir import REQUIRED_FILES
+from funcmem.editing.tasks import EVAL_SPLITS, HELD_OUT_PAIRS
 
-METHOD_KEYS = {"base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory"}
+METHOD_KEYS = {"identity", "base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora",
+               "functional_memory"}
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +32,43 @@ def tiny_run(tmp_path_factory):
     cfg = BenchmarkConfig.quick(train_examples=192, test_examples=72, steps=6, editor_steps=8, batch=8,
                                 cache_dir=str(tmp_path_factory.mktemp("cache")), scaling_depths=[1, 2],
                                 scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2},
-                                conditions=["encoders", "label"], warm_start=["label"], warm_start_steps=20)
+                                skip_methods=[], conditions=["encoders", "label"], warm_start=["label"],
+                                warm_start_steps=20)
     results = run(cfg, out, progress=False)
     figures = torch.load(out / "figures.pt", weights_only=False)
     write_report(out, results, figures)
     return out, cfg
 
 
+def check_contract(table: dict, families: set[str]) -> None:
+    """``eval[split][method] = {psnr, psnr_std, ssim, per_edit}`` for every split; lora_sum on compositions only."""
+    assert list(table) == list(EVAL_SPLITS)
+    held_out_pairs = {f"{a} + {b}" for p in HELD_OUT_PAIRS for a, b in (p, p[::-1])}
+    for split, methods in table.items():
+        assert METHOD_KEYS <= set(methods), split
+        assert ("lora_sum" in methods) == (split == "held_out_compositions")
+        for m, entry in methods.items():
+            assert {"psnr", "psnr_std", "ssim", "per_edit"} <= set(entry) and math.isfinite(entry["psnr"]), (split, m)
+            edits = set(entry["per_edit"])
+            if split == "held_out_compositions":
+                assert edits <= held_out_pairs and edits
+            else:
+                assert edits <= families and edits, (split, m)
+                if split.endswith("wording"):  # singles cycle through every edit
+                    assert edits == families, (split, m)
+
+
 @pytest.mark.slow
 def test_results_json_has_every_key(tiny_run):
     out, cfg = tiny_run
     r = json.loads((out / "results.json").read_text())
-    assert len(r["tasks"]) >= 12
-    assert METHOD_KEYS <= set(r["methods"])
-    for m in METHOD_KEYS:
-        entry = r["methods"][m]
-        assert {"psnr", "ssim", "per_task", "psnr_std"} <= set(entry)
-        assert set(entry["per_task"]) == set(r["tasks"]) and math.isfinite(entry["psnr"])
-    # the same methods on seen phrasings of the test photos, and the instruction probe
-    assert METHOD_KEYS <= set(r["methods_seen_phrasings"])
+    assert r["tasks"] == list(FAMILY)
+    check_contract(r["eval"], set(FAMILY))
+    for methods in r["eval"].values():  # doing nothing scores the same for every seed
+        assert methods["identity"]["psnr_std"] == 0 and methods["base"]["psnr_std"] == 0
+        assert methods["identity"]["per_seed_psnr"] == [methods["identity"]["psnr"]] * len(cfg.seeds)
     # a generator told the edit's label, and every method on training examples (fit, beside generalisation)
-    assert "functional_memory[label]" in r["methods"]
+    assert all("functional_memory[label]" in methods for methods in r["eval"].values())
     assert METHOD_KEYS | {"functional_memory[label]"} <= set(r["methods_train"])
     assert all(math.isfinite(v["psnr"]) for v in r["methods_train"].values())
     warm = r["warm_start"]["functional_memory[label]"]  # distilled from the trained bank before its own training
@@ -59,13 +83,17 @@ def test_results_json_has_every_key(tiny_run):
     assert -1 <= r["manifold"]["silhouette"] <= 1
     assert set(r["scaling"]["depth"]) == {"1", "2"} and set(r["scaling"]["rank"]) == {"2", "4"}
     assert r["params"]["shared_lora_matched"] >= r["params"]["functional_memory"]
+    assert r["storage"]["num_tasks"] == len(FAMILY)
     assert {"generate", "generate_and_edit", "base_edit"} <= set(r["timing"]["edit_latency_ms"])
     # no test photo is a train photo
     assert not set(r["splits"]["train_photos"]) & set(r["splits"]["test_photos"])
+    assert r["splits"]["test_examples"] == {s: cfg.test_examples for s in EVAL_SPLITS}
     for name in ("report.md", "edits.png", "conflict.png", "manifold.png", "scaling.png", "manifest.json"):
         assert (out / name).is_file(), name
     for name in (*REQUIRED_FILES, "per_task_lora/keys.safetensors", "shared_lora_matched/config.json"):
         assert (out / name).is_file(), name  # the run directory
+    report = (out / "report.md").read_text()
+    assert "## Findings" in report and "held-out compositions" in report and "lora_sum" in report
 
 
 @pytest.mark.slow
@@ -84,8 +112,8 @@ def test_eval_command_on_another_folder(tiny_run, tmp_path):
     for i in range(2):
         Image.fromarray((torch.rand(80, 90, 3) * 255).byte().numpy()).save(tmp_path / f"p{i}.png")
     assert main(["eval", "--run", str(out), "--images", str(tmp_path), "--out", str(tmp_path / "e.json")]) == 0
-    table = json.loads((tmp_path / "e.json").read_text())["methods"]
-    assert METHOD_KEYS <= set(table)
+    result = json.loads((tmp_path / "e.json").read_text())
+    check_contract(result["eval"], set(FAMILY))
 
 
 def test_matched_rank_reaches_the_generator_size():
@@ -95,8 +123,57 @@ def test_matched_rank_reaches_the_generator_size():
     assert matched_rank(10_000, [T()]) == math.ceil(10_000 / 384)
 
 
+def test_the_quick_run_has_two_seeds_and_leaves_out_only_the_matched_lora():
+    quick, full = BenchmarkConfig.quick(), BenchmarkConfig()
+    assert len(quick.seeds) == 2 and len(full.seeds) == 3
+    names = lambda cfg: sorted(m.name for m in methods_table(cfg))
+    trained = ["functional_memory", "functional_memory[label]", "per_task_lora", "shared_lora"]
+    assert names(full) == sorted([*trained, "functional_memory[base-hidden]", "shared_lora_matched"])
+    assert names(quick) == trained
+
+
 def test_seed_aggregation():
-    runs = [{"psnr": 20.0, "ssim": 0.5, "per_task": {"a": {"psnr": 20.0, "ssim": 0.5}}},
-            {"psnr": 22.0, "ssim": 0.7, "per_task": {"a": {"psnr": 22.0, "ssim": 0.7}}}]
+    runs = [{"psnr": 20.0, "ssim": 0.5, "per_edit": {"a": {"psnr": 20.0, "ssim": 0.5}}},
+            {"psnr": 22.0, "ssim": 0.7, "per_edit": {"a": {"psnr": 22.0, "ssim": 0.7}}}]
     m = mean_over_seeds(runs)
-    assert m["psnr"] == 21.0 and m["psnr_std"] == pytest.approx(2 ** 0.5) and m["per_task"]["a"]["psnr"] == 21.0
+    assert m["psnr"] == 21.0 and m["psnr_std"] == pytest.approx(2 ** 0.5) and m["per_edit"]["a"]["psnr"] == 21.0
+
+
+def test_lora_sum_adds_both_edits_updates():
+    """Bank route "sum": B1 A1 + B2 A2 for a composition, the edit's own LoRA for a single edit."""
+    torch.manual_seed(0)
+    editor = Editor(EditorConfig(width=32, depth=1, heads=2, image_size=8))
+    bank = Bank(editor, ["img_mlp.fc1"], rank=2, alpha=2.0, num=4)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_()
+    batch = {"edit_ids": torch.tensor([0, 1, 3]), "second_ids": torch.tensor([2, -1, 0])}
+    bank.route = "sum"
+    summed = bank.summed(batch)
+    A, B = bank.lora().factors[next(iter(bank.lora().factors))]
+    a, b = summed.factors[next(iter(summed.factors))]
+    delta = lambda i, j: B[i] @ A[i] + (B[j] @ A[j] if j >= 0 else 0)
+    for row, (i, j) in enumerate([(0, 2), (1, -1), (3, 0)]):
+        torch.testing.assert_close(b[row] @ a[row], delta(i, j))
+    assert summed.scale == bank.lora().scale
+
+
+def test_neutral_base_instruction_reaches_only_the_base(text_encoder):
+    """--base-instruction neutral: the editor's text states are the neutral instruction's for every
+    sample, while the condition encoders still read each instruction."""
+    class LengthEncoder:  # a condition encoder whose stream is the instruction's length
+        def raw(self, images, instructions):
+            return {"length": torch.tensor([[float(len(t))] for t in instructions])}
+
+    examples = {"inputs": torch.rand(3, 3, 8, 8), "targets": torch.rand(3, 3, 8, 8), "edit_ids": torch.tensor([0, 1, 2]),
+                "instructions": ["make it brighter", "darken the photo by 40%", "tint it teal"]}
+    cfg = EditorConfig(image_size=8)
+    plain = build_set(examples, text_encoder, {"c": LengthEncoder()}, cfg, "cpu")
+    neutral = build_set(examples, text_encoder, {"c": LengthEncoder()}, cfg, "cpu", base_text=NEUTRAL)
+    keep, _ = text_encoder.encode([NEUTRAL], cfg.max_text_tokens)
+    torch.testing.assert_close(neutral.text_states, keep.expand(3, -1, -1))
+    assert not torch.equal(plain.text_states[0], plain.text_states[1])
+    torch.testing.assert_close(neutral.raw["c"]["length"], plain.raw["c"]["length"])
+    assert neutral.raw["c"]["length"][:, 0].tolist() == [16.0, 23.0, 12.0]
+    with pytest.raises(ValueError, match="base_instruction"):
+        BenchmarkConfig(base_instruction="nothing")

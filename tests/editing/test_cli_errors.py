@@ -53,7 +53,7 @@ def test_demo_and_continual_values(capsys, files):
     assert "argument --steps: expected a positive integer, got -5" in user_error(capsys, ["demo", "--steps", "-5"])
     assert "argument --distill-weight: expected a finite number >= 0, got nan" in user_error(
         capsys, ["continual", "--distill-weight", "nan"])
-    assert "argument --forget: unknown edit 'nope'; edits: blur, " in user_error(capsys, ["continual", "--forget", "nope"])
+    assert "argument --forget: unknown edit 'nope'; edits: saturate, " in user_error(capsys, ["continual", "--forget", "nope"])
     assert "argument --forget: edit 'age' named twice" in user_error(capsys, ["continual", "--forget", "age,age"])
     assert user_error(capsys, [*THREADS, "continual", "--forget", "blur", "--methods", "fm_naive", "--out",
                                str(files / "out_forget")]) == (

@@ -133,16 +133,17 @@ def test_projector_standardises_with_training_statistics():
 def test_label_encoder_reads_the_edit_off_every_phrasing():
     """Every phrasing of every edit, with any strength word, gives that edit's one-hot id."""
     from funcmem.editing.conditions import EditLabelEncoder
-    from funcmem.editing.ops import EDITS, sample_instruction
+    from funcmem.editing.ops import EDITS
+    from funcmem.editing.tasks import sample_instance
 
     enc = EditLabelEncoder()
     assert isinstance(enc, ConditionEncoder) and enc.raw_dims == {"label": len(EDITS)}
     g = torch.Generator().manual_seed(0)
     texts, ids = [], []
-    for k, edit in enumerate(EDITS.values()):
-        for split in ("train", "test"):
-            for _ in range(6):
-                texts.append(sample_instruction(edit, split, g, numbers=True)[0])
+    for k, name in enumerate(EDITS):
+        for split in ("seen_wording", "held_out_wording", "held_out_values"):  # values, words, colours
+            for _ in range(6 if EDITS[name].has_strength or split != "held_out_values" else 0):
+                texts.append(sample_instance(split, g, edits=[name]).text)
                 ids.append(k)
     raw = enc.raw(torch.zeros(len(texts), 3, 8, 8), texts)
     assert torch.equal(raw["label"], F.one_hot(torch.tensor(ids), len(EDITS)).float())
@@ -160,7 +161,7 @@ def test_label_condition_goes_through_the_projector_and_generator():
     editor = Editor(EditorConfig(width=32, depth=1, heads=2))
     memory = EditingMemory.create(editor, enc.raw_dims, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
                                   generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
-    raw = enc.raw(torch.zeros(4, 3, 32, 32), ["brighten the photo", "make it darker", "make it brighter", "dim this image"])
+    raw = enc.raw(torch.zeros(4, 3, 32, 32), ["brighten the photo", "make it darker", "make it brighter", "dim the image"])
     memory.projector.set_statistics(raw)
     with torch.no_grad():
         memory.fm.generator.model.proj_out_B.weight.normal_(std=0.1)

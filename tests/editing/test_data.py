@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from funcmem.editing.data import (
-    PHOTO_SOURCES, Photo, fit_scale, load_folder, load_photos, make_examples, manifest, random_crops, split_photos,
+    PHOTO_SOURCES, Photo, fit_scale, load_folder, load_photos, manifest, random_crops, split_photos,
 )
 from funcmem.editing.ops import EDITS
+from funcmem.editing.tasks import make_examples
 
 
 @pytest.fixture(scope="module")
@@ -113,28 +114,31 @@ def test_random_crops_shape_determinism_and_scaling():
 
 def test_make_examples_is_deterministic_balanced_and_shaped():
     photos = fake_photos(3)
-    ex = make_examples(photos, None, n=50, size=16, split="train", seed=7)
-    assert ex["inputs"].shape == ex["targets"].shape == (50, 3, 16, 16)
-    assert ex["edit_ids"].dtype == torch.long and ex["strengths"].shape == (50,) and len(ex["instructions"]) == 50
+    ex = make_examples(photos, None, n=52, size=16, split="train", seed=7)
+    assert ex["inputs"].shape == ex["targets"].shape == (52, 3, 16, 16)
+    assert ex["edit_ids"].dtype == torch.long and len(ex["instructions"]) == 52 == len(ex["instances"])
     counts = torch.bincount(ex["edit_ids"], minlength=len(EDITS))
     assert counts.max() - counts.min() <= 1
-    again = make_examples(photos, None, n=50, size=16, split="train", seed=7)
-    for key in ("inputs", "targets", "edit_ids", "strengths"):
+    again = make_examples(photos, None, n=52, size=16, split="train", seed=7)
+    for key in ("inputs", "targets", "edit_ids"):
         assert torch.equal(ex[key], again[key]), key
     assert ex["instructions"] == again["instructions"]
-    other = make_examples(photos, None, n=50, size=16, split="train", seed=8)
+    other = make_examples(photos, None, n=52, size=16, split="train", seed=8)
     assert not torch.equal(ex["inputs"], other["inputs"])
+    with pytest.raises(ValueError, match="unknown edits"):
+        make_examples(photos, ["blur", "sepia"], n=4, size=16)
 
 
 def test_make_examples_targets_follow_edit_and_instruction():
-    names = ["brighten", "denoise"]
+    names = ["brighten", "denoise"]  # edit_ids index this list
     ex = make_examples(fake_photos(2), names, n=20, size=16, split="test", seed=0)
     for i in range(20):
         edit = EDITS[names[int(ex["edit_ids"][i])]]
-        text = ex["instructions"][i]
-        assert any(text.startswith(p) for p in edit.test_phrasings), text
-        if edit.name == "brighten":  # forward: target is the edit of the input at the stated strength
-            _, expected = edit.apply(ex["inputs"][i], float(ex["strengths"][i]))
+        inst = ex["instances"][i]
+        assert inst.edits == (edit.name,)
+        assert any(ex["instructions"][i].startswith(p) for p in edit.test_phrasings), ex["instructions"][i]
+        if edit.name == "brighten":  # forward: target is the edit of the input at the stated value
+            _, expected = edit.apply(ex["inputs"][i], inst.values[0])
             assert torch.allclose(ex["targets"][i], expected, atol=1e-6)
-        else:  # restoration: input is damaged, strength is not stated
-            assert ex["strengths"][i] == 1.0 and not torch.equal(ex["inputs"][i], ex["targets"][i])
+        else:  # restoration: input is damaged, no value stated
+            assert inst.values == (None,) and not torch.equal(ex["inputs"][i], ex["targets"][i])

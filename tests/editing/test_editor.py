@@ -13,7 +13,7 @@ from torch import nn
 from funcmem.editing import pretrain
 from funcmem.editing.editor import Editor, EditorConfig
 
-TINY = EditorConfig(image_size=16, patch=4, width=32, depth=2, heads=2, max_text_tokens=16)
+TINY = EditorConfig(image_size=16, patch=4, width=32, depth=2, heads=2, max_text_tokens=32)
 
 
 def _inputs(cfg: EditorConfig, b: int = 2, t: int = 16, seed: int = 0):
@@ -118,9 +118,25 @@ def test_pretraining_ops_keep_shape_and_range():
         assert phrasings
 
 
-def test_pretraining_phrasings_fit_the_default_token_budget(text_encoder):
-    text_encoder.encode(pretrain.instructions(), EditorConfig().max_text_tokens)
-    assert not set(pretrain.instructions()) & set(text_encoder.truncated)
+def test_instructions_fit_the_default_token_budget(text_encoder):
+    """The base's own phrasings, its out-of-family instructions and the benchmark's instructions
+    (compositions with values and RGB colours are the longest) are never cut."""
+    from funcmem.editing.tasks import SPLITS, sample_instance
+
+    g = torch.Generator().manual_seed(0)
+    texts = pretrain.instructions() + [pretrain.unknown_instruction(g) for _ in range(2000)]
+    texts += [sample_instance(split, g).text for split in SPLITS for _ in range(500)]
+    text_encoder.encode(texts, EditorConfig().max_text_tokens)
+    assert not set(texts) & set(text_encoder.truncated)
+
+
+def test_pretraining_batches_mix_the_family_with_unknown_instructions_kept_as_is():
+    crops = pretrain.photo_crops(32, 16)
+    x, y, texts = pretrain._batch(crops, 400, list(pretrain.PRETRAIN_OPS), torch.Generator().manual_seed(0))
+    own = set(pretrain.instructions())
+    unknown = [i for i, t in enumerate(texts) if t not in own]
+    assert abs(len(unknown) / 400 - pretrain.UNKNOWN_SHARE) < 0.08
+    assert all(torch.equal(x[i], y[i]) for i in unknown)
 
 
 def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch, text_encoder):

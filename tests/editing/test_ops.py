@@ -1,14 +1,16 @@
-"""Edit operators: each target is exact and learnable, strengths order the effect, pairs conflict."""
+"""Edit operators: each target is an exact function of the input and the value the instruction
+names, values order the effect, pairs undo each other."""
 
 import pytest
 import torch
 
 from funcmem.editing.ops import (
-    EDITS, INVERSE_PAIRS, NOISE_SCALE, RESTORE_RANGE, STRENGTH_WORDS, age, fixed_pattern, gaussian_blur,
-    luminance, parse_strength, sample_instruction,
+    COLOURS, EDITS, FAMILY, INVERSE_PAIRS, LEGACY, PERCENT, RESTORE_RANGE, STRENGTH_WORDS, TEMPERATURE_GAIN, TINT_AMOUNT,
+    UNSHARP_SIGMA, age, fixed_pattern, gaussian_blur, luminance, sigmoid_contrast, unsharp_mask,
 )
 
 FORWARD = [name for name, e in EDITS.items() if e.has_strength]
+SCALAR = [name for name in FORWARD if EDITS[name].values.unit != "colour"]
 RESTORING = [name for name, e in EDITS.items() if not e.has_strength]
 
 
@@ -33,81 +35,93 @@ def rng(seed=0):
 # ---------------------------------------------------------------- the family
 
 
-def test_edits_come_in_adjacent_inverse_pairs():
-    names = list(EDITS)
-    assert len(names) >= 12 and len(INVERSE_PAIRS) >= 6
+def test_the_family_is_six_adjacent_inverse_pairs_plus_tint():
+    assert list(FAMILY) == list(EDITS)[: len(FAMILY)] and FAMILY[-1] == "tint" and EDITS["tint"].inverse is None
+    assert set(EDITS) == set(FAMILY) | set(LEGACY)
+    pairs = [p for p in INVERSE_PAIRS if p[0] in FAMILY]
+    assert len(pairs) == 6
     for a, b in INVERSE_PAIRS:
         assert EDITS[a].inverse == b and EDITS[b].inverse == a
-        assert names.index(b) == names.index(a) + 1
-    assert {n for pair in INVERSE_PAIRS for n in pair} == set(names)
+        assert list(EDITS).index(b) == list(EDITS).index(a) + 1
+    assert {n for pair in pairs for n in pair} == set(FAMILY) - {"tint"}
+    assert RESTORING == ["denoise", "restore"]
 
 
-def test_phrasings_are_many_distinct_and_carry_no_strength():
-    seen = set()
+def test_phrasings_carry_no_value():
     for e in EDITS.values():
-        assert len(e.train_phrasings) >= 6 and len(e.test_phrasings) >= 2, e.name
-        phrasings = e.train_phrasings + e.test_phrasings
-        assert len(set(phrasings)) == len(phrasings), e.name
-        assert not seen & set(phrasings), f"{e.name} shares phrasings with another edit"
-        seen |= set(phrasings)
-        for p in phrasings:
-            assert parse_strength(p) == 1.0, p  # no strength word or number hides in a phrasing
+        for p in e.train_phrasings + e.test_phrasings:
+            assert not any(ch.isdigit() for ch in p) and "%" not in p, p
+            assert not any(f" {w}" in f" {p}" for w in STRENGTH_WORDS), p
+            assert ("{colour}" in p) == (e.name == "tint"), p
+        assert "{" not in e.example()
 
 
-# ---------------------------------------------------------------- instructions
-
-
-@pytest.mark.parametrize("text, strength", [
-    ("make it brighter", 1.0), ("make it brighter slightly", 0.5), ("Slightly brighten the photo", 0.5),
-    ("darken the photo strongly", 1.6), ("add a lot of blur", 1.6), ("brighten by 0.8", 0.8),
-    ("brighten by .5 strongly", 0.5), ("blur by 7", 2.0), ("blur by 0", 0.1),
-])
-def test_parse_strength(text, strength):
-    assert parse_strength(text) == pytest.approx(strength)
-
-
-def test_sample_instruction_uses_the_split_and_matches_its_strength():
-    g = rng()
-    for e in EDITS.values():
-        for split, phrasings in (("train", e.train_phrasings), ("test", e.test_phrasings)):
-            for _ in range(20):
-                text, s = sample_instruction(e, split, g, numbers=True)
-                assert any(text.startswith(p) for p in phrasings), text
-                assert s == parse_strength(text)
-                if not e.has_strength:
-                    assert text in phrasings and s == 1.0
-    words = {sample_instruction(EDITS["blur"], "train", g)[1] for _ in range(60)}
-    assert words == {0.5, 1.0, 1.6}
-    with pytest.raises(ValueError, match="split"):
-        sample_instruction(EDITS["blur"], "val", g)
+def test_values_write_and_default():
+    assert PERCENT.write(40) == " by 40%" and EDITS["blur"].values.write(2.5) == " by 2.5 px"
+    assert EDITS["tint"].values.write("teal" if "teal" in COLOURS else "red") in COLOURS
+    assert EDITS["tint"].values.write((0, 128, 255)) == "rgb(0, 128, 255)"
+    x = images(2)
+    for name in SCALAR:
+        _, by_default = EDITS[name].apply(x)
+        _, explicit = EDITS[name].apply(x, EDITS[name].values.default)
+        assert torch.equal(by_default, explicit), name
 
 
 # ---------------------------------------------------------------- exact targets
 
 
-@pytest.mark.parametrize("name", RESTORING)
-def test_restoration_target_is_the_clean_image_and_input_degradation_varies(name):
-    x = images(8)
-    inp, target = EDITS[name].apply(x, 1.0, rng())
-    assert torch.equal(target, x)
-    change = (inp - x).abs().flatten(1).mean(1)  # (B,) per-sample degradation
-    assert (change > 1e-3).all()
-    assert change.std() > 0.05 * change.mean()  # a random strength per sample
-    inp2, _ = EDITS[name].apply(x, 1.0, rng())
-    assert torch.equal(inp, inp2)  # deterministic for a seed
-    with pytest.raises(ValueError, match="rng"):
-        EDITS[name].apply(x, 1.0, None)
+def test_targets_are_the_documented_formulas():
+    x = images(3)
+    v = torch.tensor([20.0, 50.0, 100.0])
+    cases = {
+        "brighten": x ** (1 / (1 + v / 100)).view(-1, 1, 1, 1),
+        "darken": x ** (1 + v / 100).view(-1, 1, 1, 1),
+        "contrast_up": torch.sigmoid((1 + v / 100).view(-1, 1, 1, 1) * torch.logit(x.clamp(1e-3, 1 - 1e-3))),
+        "contrast_down": torch.sigmoid((1 / (1 + v / 100)).view(-1, 1, 1, 1) * torch.logit(x.clamp(1e-3, 1 - 1e-3))),
+        "sharpen": (x + (v / 100).view(-1, 1, 1, 1) * (x - gaussian_blur(x, UNSHARP_SIGMA))).clamp(0, 1),
+        "age": age(x, v / 50),
+    }
+    k = (1 + TEMPERATURE_GAIN * v / 100).view(-1, 1, 1)
+    cases["warmer"] = torch.stack((x[:, 0] * k, x[:, 1], x[:, 2] / k), 1).clamp(0, 1)
+    cases["cooler"] = torch.stack((x[:, 0] / k, x[:, 1], x[:, 2] * k), 1).clamp(0, 1)
+    for name, expected in cases.items():
+        inp, target = EDITS[name].apply(x, v)
+        assert torch.equal(inp, x)
+        assert torch.allclose(target, expected, atol=1e-5), name
+    sig = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(EDITS["blur"].apply(x, sig)[1], gaussian_blur(x, sig), atol=1e-6)
 
 
-def test_add_noise_adds_the_same_fixed_pattern_scaled_by_strength():
+def test_add_noise_adds_the_same_fixed_grain_scaled_by_its_value():
     grey = torch.full((2, 3, 24, 40), 0.5)
     pattern = fixed_pattern("noise", 24, 40)
-    for s in (0.5, 1.0, 1.6):
-        inp, target = EDITS["add_noise"].apply(grey, s, rng(s.__hash__()))  # rng is irrelevant
+    assert pattern.shape == (1, 24, 40) and torch.equal(pattern[:, :8, :8], pattern[:, 8:16, 16:24])  # period 8
+    for v in (4, 8, 12):
+        inp, target = EDITS["add_noise"].apply(grey, v)
         assert torch.equal(inp, grey)
-        assert torch.allclose(target - inp, NOISE_SCALE * s * pattern.expand_as(grey), atol=1e-6)
-    assert torch.equal(fixed_pattern("noise", 24, 40), pattern)
-    assert pattern.std() > 0.5 and abs(float(pattern.mean())) < 0.2
+        assert torch.allclose(target - inp, v / 100 * pattern.expand_as(grey), atol=1e-6)
+
+
+def test_denoise_input_is_the_same_grain_at_an_unknown_strength():
+    grey = torch.full((16, 3, 16, 16), 0.5)
+    inp, target = EDITS["denoise"].apply(grey, None, rng())
+    assert torch.equal(target, grey)
+    amount = ((inp - grey) / fixed_pattern("noise", 16, 16)).flatten(1).median(1).values  # per sample
+    default = EDITS["add_noise"].values.default / 100
+    lo, hi = RESTORE_RANGE
+    assert (amount > lo * default - 1e-4).all() and (amount < hi * default + 1e-4).all() and amount.std() > 0.005
+
+
+@pytest.mark.parametrize("name", RESTORING)
+def test_restoration_target_is_the_clean_image_and_input_damage_varies(name):
+    x = images(8)
+    inp, target = EDITS[name].apply(x, None, rng())
+    assert torch.equal(target, x)
+    change = (inp - x).abs().flatten(1).mean(1)  # (B,) per-sample damage
+    assert (change > 1e-3).all() and change.std() > 0.05 * change.mean()
+    assert torch.equal(inp, EDITS[name].apply(x, None, rng())[0])  # deterministic for a seed
+    with pytest.raises(ValueError, match="rng"):
+        EDITS[name].apply(x, None, None)
 
 
 def test_fixed_patterns_tile_from_the_top_left():
@@ -123,105 +137,104 @@ def test_fixed_patterns_tile_from_the_top_left():
 def test_age_is_deterministic_and_identity_at_zero():
     x = images()
     assert torch.allclose(age(x, 0.0), x, atol=1e-6)
-    _, t1 = EDITS["age"].apply(x, 1.0, rng(1))
-    _, t2 = EDITS["age"].apply(x, 1.0, rng(2))
-    assert torch.equal(t1, t2)
+    assert torch.equal(EDITS["age"].apply(x, 50)[1], EDITS["age"].apply(x, 50)[1])
 
 
-def test_unbatched_and_per_sample_strengths_agree_with_batched():
+def test_unbatched_and_per_sample_values_agree_with_batched():
     x = images(3)
-    s = torch.tensor([0.5, 1.0, 1.6])
-    for name in FORWARD:
-        _, batched = EDITS[name].apply(x, s)
+    for name in SCALAR:
+        v = torch.tensor(EDITS[name].values.train[:3], dtype=torch.float32)
+        _, batched = EDITS[name].apply(x, v)
         for i in range(3):
-            _, single = EDITS[name].apply(x[i], float(s[i]))
+            _, single = EDITS[name].apply(x[i], float(v[i]))
             assert single.shape == (3, 32, 32)
             assert torch.allclose(single, batched[i], atol=1e-5), name
+    _, tinted = EDITS["tint"].apply(x, ["red", (0, 0, 255), "green"])
+    assert torch.allclose(tinted[1], EDITS["tint"].apply(x[1], (0, 0, 255))[1], atol=1e-6)
 
 
-def test_bad_shapes_are_named():
+def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"\(3, 32\)"):
         EDITS["blur"].apply(torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="unknown colour 'teal-ish'"):
+        EDITS["tint"].apply(images(1), "teal-ish")
+    with pytest.raises(ValueError, match="0..255"):
+        EDITS["tint"].apply(images(1), (0, 300, 0))
 
 
 # ---------------------------------------------------------------- what each edit does
 
 
+@pytest.mark.parametrize("name", SCALAR)
+def test_values_order_the_effect(name):
+    x = images()
+    spec = EDITS[name].values
+    values = sorted(spec.train + spec.held_out())
+    effect = [float((EDITS[name].apply(x, v)[1] - x).abs().mean()) for v in values]
+    assert all(a < b for a, b in zip(effect, effect[1:])), (name, effect)
+    word = [float((EDITS[name].apply(x, spec.default * STRENGTH_WORDS[w])[1] - x).abs().mean())
+            for w in ("slightly", "strongly")]
+    assert word[0] < effect[values.index(min(v for v in values if v >= spec.default))] < word[1]
+
+
 def test_brighten_and_darken_move_mean_luminance():
     x = images()
-    _, bright = EDITS["brighten"].apply(x, 1.0)
-    _, dark = EDITS["darken"].apply(x, 1.0)
     lum = lambda y: luminance(y).flatten(1).mean(1)  # noqa: E731
-    assert (lum(bright) > lum(x)).all() and (lum(dark) < lum(x)).all()
+    assert (lum(EDITS["brighten"].apply(x)[1]) > lum(x)).all() and (lum(EDITS["darken"].apply(x)[1]) < lum(x)).all()
 
 
-def test_blur_removes_and_sharpen_restores_high_frequencies():
+def test_legacy_blur_removes_and_sharpen_adds_high_frequencies():
     x = images()
-    _, blurred = EDITS["blur"].apply(x, 1.0)
-    assert (laplacian_variance(blurred) < 0.5 * laplacian_variance(x)).all()
-    inp, target = EDITS["sharpen"].apply(x, 1.0, rng())
-    assert (laplacian_variance(target) > laplacian_variance(inp)).all()
-
-
-def test_gaussian_blur_basics():
-    x = images(3)
-    assert torch.allclose(gaussian_blur(x, 0.0), x)
-    flat = torch.full((1, 3, 16, 16), 0.3)
-    assert torch.allclose(gaussian_blur(flat, 2.0), flat, atol=1e-6)
-    sig = torch.tensor([0.5, 1.0, 3.0])
-    per_sample = gaussian_blur(x, sig)
-    for i in range(3):
-        assert torch.allclose(per_sample[i], gaussian_blur(x[i], float(sig[i])), atol=1e-5)
+    assert (laplacian_variance(EDITS["blur"].apply(x)[1]) < 0.5 * laplacian_variance(x)).all()
+    assert (laplacian_variance(EDITS["sharpen"].apply(x)[1]) > 1.5 * laplacian_variance(x)).all()
+    assert torch.allclose(unsharp_mask(x, 0.0), x)
 
 
 def test_warmer_and_cooler_shift_red_against_blue():
     x = images()
-    _, warm = EDITS["warmer"].apply(x, 1.0)
-    _, cool = EDITS["cooler"].apply(x, 1.0)
     rb = lambda y: (y[:, 0] - y[:, 2]).flatten(1).mean(1)  # noqa: E731
-    assert (rb(warm) > rb(x)).all() and (rb(cool) < rb(x)).all()
+    assert (rb(EDITS["warmer"].apply(x)[1]) > rb(x)).all() and (rb(EDITS["cooler"].apply(x)[1]) < rb(x)).all()
 
 
-def test_contrast_moves_spread_and_keeps_mean():
-    x = 0.3 + 0.4 * images()  # inside [0.3, 0.7]: no clipping at strength 1
-    _, up = EDITS["contrast_up"].apply(x, 1.0)
-    _, down = EDITS["contrast_down"].apply(x, 1.0)
-    spread = lambda y: luminance(y).flatten(1).std(1)  # noqa: E731
-    assert (spread(up) > spread(x)).all() and (spread(down) < spread(x)).all()
-    mean = lambda y: luminance(y).flatten(1).mean(1)  # noqa: E731
-    assert torch.allclose(mean(up), mean(x), atol=1e-5) and torch.allclose(mean(down), mean(x), atol=1e-5)
+def test_saturation_moves_chroma_and_keeps_luminance():
+    x = 0.3 + 0.4 * images()
+    chroma = lambda y: (y - luminance(y)).abs().flatten(1).mean(1)  # noqa: E731
+    up, down = EDITS["saturate"].apply(x, 50)[1], EDITS["desaturate"].apply(x, 50)[1]
+    assert (chroma(up) > chroma(x)).all() and (chroma(down) < chroma(x)).all()
+    assert torch.allclose(luminance(down), luminance(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FORWARD)
-def test_strength_words_order_the_effect(name):
+def test_contrast_moves_the_spread_around_mid_grey():
     x = images()
-    effect = []
-    for word in ("slightly", "", "strongly"):
-        s = parse_strength(f"{EDITS[name].train_phrasings[0]} {word}")
-        inp, target = EDITS[name].apply(x, s)
-        effect.append(float((target - inp).abs().mean()))
-    assert effect[0] < effect[1] < effect[2], effect
-    assert STRENGTH_WORDS["slightly"] < 1.0 < STRENGTH_WORDS["strongly"]
+    spread = lambda y: (y - 0.5).abs().flatten(1).mean(1)  # noqa: E731
+    assert (spread(EDITS["contrast_up"].apply(x)[1]) > spread(x)).all()
+    assert (spread(EDITS["contrast_down"].apply(x)[1]) < spread(x)).all()
+    assert torch.allclose(sigmoid_contrast(torch.full((1, 3, 2, 2), 0.5), 3.0), torch.full((1, 3, 2, 2), 0.5))
+
+
+def test_tint_mixes_in_the_named_colour():
+    x = images(2)
+    _, y = EDITS["tint"].apply(x, "blue")
+    rgb = torch.tensor(COLOURS["blue"]) / 255
+    assert torch.allclose(y, (1 - TINT_AMOUNT) * x + TINT_AMOUNT * rgb.view(1, 3, 1, 1), atol=1e-6)
 
 
 @pytest.mark.parametrize("a, b", [("brighten", "darken"), ("darken", "brighten"), ("warmer", "cooler"),
-                                  ("cooler", "warmer"), ("contrast_down", "contrast_up")])
+                                  ("cooler", "warmer"), ("contrast_up", "contrast_down"), ("contrast_down", "contrast_up"),
+                                  ("saturate", "desaturate"), ("desaturate", "saturate")])
 def test_inverse_pairs_undo_each_other(a, b):
     x = 0.3 + 0.4 * images()  # no clipping: these pairs are exact inverses there
-    for s in (0.5, 1.0, 1.6):
-        _, once = EDITS[a].apply(x, s)
-        _, back = EDITS[b].apply(once, s)
-        assert torch.allclose(back, x, atol=1e-5), (a, b, s)
+    for v in (20, 50, 100):
+        _, once = EDITS[a].apply(x, v)
+        _, back = EDITS[b].apply(once, v)
+        assert torch.allclose(back, x, atol=1e-4), (a, b, v)
 
 
-@pytest.mark.parametrize("forward, restoring", [("blur", "sharpen"), ("add_noise", "denoise"), ("age", "restore")])
+@pytest.mark.parametrize("forward, restoring", [("add_noise", "denoise"), ("age", "restore")])
 def test_restoring_inputs_look_like_forward_targets(forward, restoring):
-    """A restoration edit's input is its forward edit's kind of damage (same operator family)."""
+    """A restoration edit's input is its forward edit's kind of damage at about its default strength."""
     x = images(16)
-    _, damaged = EDITS[forward].apply(x, 1.0)
-    inp, _ = EDITS[restoring].apply(x, 1.0, rng())
-    d_forward = (damaged - x).abs().mean()
-    d_restore = (inp - x).abs().mean()
-    lo, hi = RESTORE_RANGE
-    assert 0.3 * d_forward < d_restore < 2.0 * d_forward
-    assert lo < 1.0 < hi
+    _, damaged = EDITS[forward].apply(x)
+    inp, _ = EDITS[restoring].apply(x, None, rng())
+    d_forward, d_restore = (damaged - x).abs().mean(), (inp - x).abs().mean()
+    assert 0.5 * d_forward < d_restore < 1.6 * d_forward

@@ -3,7 +3,9 @@
     images.py      decoding image files safely (PNG, JPEG, WebP; sizes checked first; one error type)
     text.py        cleaning instructions
     ops.py         the edit operators with exact targets
-    data.py        photos from installed wheels or a folder, crops, examples
+    phrasings.py   training and held-out phrasings per edit, the keyword-disjointness check
+    data.py        photos from installed wheels or a folder, crops
+    tasks.py       task instances (values, compositions), the benchmark's splits, examples
     editor.py      the frozen MMDiT-style base editor
     pretrain.py    its cached pretraining
     conditions.py  frozen condition encoders and the condition projector

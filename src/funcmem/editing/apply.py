@@ -159,7 +159,8 @@ def predict(run: Run, method: str, tiles: Tensor, instruction: str, chunk: int =
     for s in range(0, len(tiles), chunk):
         part = tiles[s:s + chunk]
         texts = [instruction] * len(part)
-        states, mask = run.text_encoder.encode(texts, run.editor.config.max_text_tokens)
+        base_texts = texts if run.base_text is None else [run.base_text] * len(part)
+        states, mask = run.text_encoder.encode(base_texts, run.editor.config.max_text_tokens)
         batch = {"inputs": part, "text_states": states, "text_mask": mask, "raw": run.encoder.raw(part, texts)}
         out.append(run.methods[method].predict(batch))
     return torch.cat(out)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -222,7 +223,7 @@ class MiniLMEfficientNet:
     """
 
     def __init__(self, text_encoder: TextEncoder | None = None, image_encoder: ImageEncoder | None = None,
-                 max_tokens: int = 16):
+                 max_tokens: int = 32):
         self.text_encoder = text_encoder or TextEncoder()
         self.image_encoder = image_encoder or ImageEncoder()
         self.max_tokens = max_tokens
@@ -298,6 +299,11 @@ class EditLabelEncoder:
         for phrasing, k in self._phrasings:
             if text == phrasing or text.startswith(phrasing + " "):
                 return k
+        for phrasing, k in self._phrasings:  # then phrasings with a colour slot (tint): any colour in it
+            if "{colour}" in phrasing:
+                before, after = (re.escape(part) for part in phrasing.split("{colour}", 1))
+                if re.match(before + r".+?" + after + r"(?: |$)", text):
+                    return k
         raise ValueError(f"the label condition knows only the edits' own phrasings; {instruction!r} starts with "
                          f"none of them (e.g. {self._phrasings[-1][0]!r})")
 

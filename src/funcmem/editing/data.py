@@ -3,7 +3,6 @@
     load_photos() / load_folder(path)  -> [Photo]            image (3, H, W) in [0, 1]
     split_photos(photos)               -> train, test        by source photo, seeded
     random_crops(photo, n, size, rng)  -> (n, 3, size, size)
-    make_examples(photos, edits, ...)  -> inputs, targets, instructions, edit_ids, strengths
 
 The default photos ship inside scikit-image, scikit-learn, matplotlib and sporco. They are read
 from each installed package's own folder (found with ``importlib.util.find_spec``, without
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .images import ImageError, read_rgb
-from .ops import EDITS, Edit, sample_instruction
 
 _SPORCO = "public domain or freely redistributable per sporco's data/README.rst: "
 PHOTO_SOURCES: dict[str, tuple[str, str, str]] = {  # name -> (package, file inside it, licence)
@@ -192,49 +190,3 @@ def random_crops(photo: Photo | Tensor, n: int, size: int, rng: torch.Generator,
     if n == 0:
         return image.new_empty(0, 3, size, size)
     return torch.stack([image[:, t:t + size, l:l + size] for t, l in zip(tops, lefts)])
-
-
-def make_examples(photos: Sequence[Photo], edits: Sequence[str | Edit] | None = None, n: int = 256,
-                  size: int = 32, split: str = "train", seed: int = 0, numbers: bool = False) -> dict:
-    """A deterministic set of editing examples.
-
-    Every example draws a photo uniformly and a random crop of it; edits are balanced (counts
-    differ by at most one) and shuffled; each edit's instruction comes from ``split``'s phrasing
-    set. Pass the photos of the same split (see ``split_photos``).
-
-    Args:
-        photos: source photos.
-        edits: edit names or ``Edit``s; all of ``EDITS`` by default. ``edit_ids`` index this list.
-        n: number of examples.
-        size: crop side S.
-        split: "train" or "test" phrasings.
-        seed: everything (crops, edits, phrasings, degradations) follows from it.
-        numbers: also write numeric strengths into instructions (see ``sample_instruction``).
-    Returns:
-        dict with ``inputs`` (n, 3, S, S), ``targets`` (n, 3, S, S), ``instructions`` (list of n
-        str), ``edit_ids`` (n,) long and ``strengths`` (n,) float (the instruction's strength,
-        1.0 for restoration edits).
-    """
-    if not photos:
-        raise ValueError("make_examples needs at least one photo")
-    edits = [EDITS[e] if isinstance(e, str) else e for e in (list(EDITS) if edits is None else edits)]
-    g = torch.Generator().manual_seed(seed)
-    edit_ids = (torch.arange(n) % len(edits))[torch.randperm(n, generator=g)]  # (n,) balanced
-    photo_ids = torch.randint(len(photos), (n,), generator=g)  # (n,)
-
-    crops = torch.empty(n, 3, size, size)
-    for p, photo in enumerate(photos):
-        idx = (photo_ids == p).nonzero().flatten()
-        if len(idx):
-            crops[idx] = random_crops(photo, len(idx), size, g)
-
-    samples = [sample_instruction(edits[e], split, g, numbers) for e in edit_ids.tolist()]
-    instructions = [text for text, _ in samples]
-    strengths = torch.tensor([s for _, s in samples], dtype=torch.float32)  # (n,)
-    inputs, targets = torch.empty_like(crops), torch.empty_like(crops)
-    for e, edit in enumerate(edits):
-        idx = (edit_ids == e).nonzero().flatten()
-        if len(idx):
-            inputs[idx], targets[idx] = edit.apply(crops[idx], strengths[idx], g)
-    return {"inputs": inputs, "targets": targets, "instructions": instructions,
-            "edit_ids": edit_ids, "strengths": strengths}

@@ -59,7 +59,7 @@ class EditorConfig:
     depth: int = 4
     heads: int = 4
     text_dim: int = 384
-    max_text_tokens: int = 16
+    max_text_tokens: int = 32
     mlp_ratio: int = 4
 
     def __post_init__(self):

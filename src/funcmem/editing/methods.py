@@ -1,14 +1,16 @@
 """The methods the editing benchmark compares, all on one frozen base editor.
 
+- ``identity``: the input returned unchanged (what doing nothing scores);
 - ``base``: the editor alone;
 - ``SharedLoRA`` (from the core): one static LoRA; the ``_matched`` variant has a higher rank;
 - ``Bank`` (the core ``LoRABank``): one LoRA per edit; a sample picks its LoRA by the true edit label (the oracle
-  ``per_task_lora``) or by the nearest key to its condition (``retrieval_lora``);
+  ``per_task_lora``), by the nearest key to its condition (``retrieval_lora``), or, for an
+  instruction naming two edits, the two edits' LoRAs added (``lora_sum``: LoRA arithmetic);
 - ``EditingMemory``: functional memory: a condition projector + the generator.
 
 Every method is a module with ``predict(batch) -> (B, 3, S, S)``; a batch is a dict with
-``inputs``, ``targets``, ``text_states``, ``text_mask``, ``edit_ids`` and the raw condition
-streams under ``raw``.
+``inputs``, ``targets``, ``text_states``, ``text_mask``, ``edit_ids`` (the first edit),
+``second_ids`` (the second edit, -1 for single edits) and the raw condition streams under ``raw``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def edit_with(editor: Editor, batch: dict, lora: LoRA | None = None, mount=None)
         return editor(*args)
 
 
+class Identity(nn.Module):
+    """Returns the input: the score of doing nothing, a row of every table."""
+
+    def predict(self, batch: dict) -> Tensor:
+        return batch["inputs"]
+
+
 class Base(nn.Module):
     def __init__(self, editor: Editor):
         super().__init__()
@@ -65,7 +74,9 @@ class Bank(LoRABank):
         targets, rank, alpha: as ``SharedLoRA``.
         num: K, one per edit.
 
-    ``route``: "label" (oracle: the true edit id) or "retrieval" (nearest key, see ``set_keys``).
+    ``route``: "label" (oracle: the true first edit id), "retrieval" (nearest key, see ``set_keys``)
+    or "sum" (``lora_sum``: a sample naming two edits gets both LoRAs added, B1 A1 + B2 A2 at the same
+    scale, told both labels; a single edit gets its own). The benchmark trains the bank with "sum".
     """
 
     def __init__(self, editor: Editor, targets, rank: int, alpha: float, num: int, exclude=None):
@@ -85,7 +96,21 @@ class Bank(LoRABank):
         return batch["edit_ids"] if self.route == "label" else self.retrieve(batch["pooled"])
 
     def predict(self, batch: dict) -> Tensor:
-        return edit_with(self.base, batch, self.lora(self.choice(batch)), self.mounted)
+        lora = self.summed(batch) if self.route == "sum" else self.lora(self.choice(batch))
+        return edit_with(self.base, batch, lora, self.mounted)
+
+    def summed(self, batch: dict) -> LoRA:
+        """Per sample, the first edit's LoRA plus the second's (factors concatenated along the rank,
+        so the update is B1 A1 + B2 A2); the second half is zero for single edits."""
+        first = batch["edit_ids"]
+        second = batch.get("second_ids", torch.full_like(first, -1))
+        all_rows = self.lora()
+        factors = {}
+        for name, (a, b) in all_rows.factors.items():
+            keep = (second >= 0).to(b.dtype).view(-1, *([1] * (b.dim() - 1)))
+            a2, b2 = a[second.clamp(min=0)], b[second.clamp(min=0)] * keep
+            factors[name] = (torch.cat([a[first], a2], dim=-2), torch.cat([b[first], b2], dim=-1))
+        return LoRA(factors, all_rows.scale)
 
     def save_pretrained(self, path) -> None:
         """The bank's directory (``LoRABank.save_pretrained``) plus the retrieval keys."""

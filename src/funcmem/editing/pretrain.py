@@ -1,9 +1,12 @@
 """Pre-training the base editor on its own edit family, once, with an on-disk cache.
 
 The base editor learns geometric and colour-permutation edits (flips, rotations, inversion,
-channel swaps, posterize, grayscale, roll, identity). These do NOT overlap the downstream
-family (blur, noise, age, brightness, contrast, colour temperature) that a generator later
-teaches it; the base is frozen after this.
+channel swaps, posterize, grayscale, roll, identity), and to return its input unchanged for a
+neutral instruction ("keep it as is") or any instruction outside this family (objects, layout,
+style, questions; with modifiers and values). These do NOT overlap the downstream family (blur,
+noise, age, brightness, contrast, colour temperature, tint) that a generator later teaches it,
+and none of its instructions uses a word of that family's language, so the frozen base does no
+harm when it is given a benchmark instruction it does not know.
 
     photo_crops(...)            -> crops (n, 3, S, S)
     pretrain_editor(crops, ...) -> Editor                (AdamW, cosine LR, MSE on the raw output)
@@ -29,7 +32,7 @@ from ..io import file_sha256, read_json, read_safetensors, write_json, write_saf
 from ..progress import progress as show_progress
 from .editor import Editor, EditorConfig
 
-VERSION = "editor-pretrain-2"  # bump when the ops, data, training loop or Editor architecture change
+VERSION = "editor-pretrain-3"  # bump when the ops, data, training loop or Editor architecture change
 
 # ---------------------------------------------------------------- the pretraining edit family
 
@@ -41,24 +44,98 @@ def _grayscale(x: Tensor) -> Tensor:
     return y.expand_as(x)
 
 
+KEEP = ["keep it as is", "leave the image unchanged", "no change", "do nothing", "keep the photo exactly as it is",
+        "leave the picture untouched", "don't edit anything", "leave it alone", "no edits please",
+        "keep everything the same", "the image is good as it is", "nothing to do here"]
+NEUTRAL = KEEP[0]  # the fixed instruction of the neutral-base ablation (``BenchmarkConfig.base_instruction``)
+
+# Phrasings use no word of the benchmark's edits (no colour names either: the channel swaps count
+# channels), so the base never learns the language it is later given; tests/editing/test_phrasings.py checks it.
 PRETRAIN_OPS: dict[str, tuple[Op, list[str]]] = {
-    "identity": (lambda x: x, ["keep it as is", "leave the image unchanged", "no change", "do nothing"]),
+    "identity": (lambda x: x, KEEP),
     "flip_h": (lambda x: x.flip(-1), ["flip horizontally", "mirror the image left to right", "flip it left-right"]),
     "flip_v": (lambda x: x.flip(-2), ["flip vertically", "turn the image upside down by mirroring", "flip it top to bottom"]),
     "rotate_ccw": (lambda x: x.rot90(1, (-2, -1)), ["rotate 90 degrees counterclockwise", "turn it a quarter turn to the left"]),
     "rotate_180": (lambda x: x.rot90(2, (-2, -1)), ["rotate 180 degrees", "turn it half a turn"]),
     "rotate_cw": (lambda x: x.rot90(3, (-2, -1)), ["rotate 90 degrees clockwise", "turn it a quarter turn to the right"]),
     "invert": (lambda x: 1 - x, ["invert the colours", "make a negative of the image", "invert it"]),
-    "swap_rb": (lambda x: x[:, [2, 1, 0]], ["swap red and blue", "convert RGB to BGR"]),
-    "swap_rg": (lambda x: x[:, [1, 0, 2]], ["swap red and green", "exchange the red and green channels"]),
+    "swap_rb": (lambda x: x[:, [2, 1, 0]], ["swap the first and last channels", "reverse the channel order"]),
+    "swap_rg": (lambda x: x[:, [1, 0, 2]], ["swap the first two channels", "exchange channels one and two"]),
     "posterize": (lambda x: (x * 3).round() / 3, ["posterize", "reduce to four levels per channel"]),
     "grayscale": (_grayscale, ["make it black and white", "convert to grayscale", "remove all colour"]),
-    "roll": (lambda x: x.roll(x.shape[-1] // 2, -1), ["shift the image by half its width", "roll it sideways by half"]),
+    "roll": (lambda x: x.roll(x.shape[-1] // 2, -1), ["move the image sideways by half its width", "roll it sideways by half"]),
 }
+
+# Instructions outside the family: the base learns to return its input for them. Composed from
+# requests an editor of this size cannot do (objects, layout, style, questions), with the
+# modifiers and values benchmark instructions carry, so neither the syntax of a request nor a
+# number or a "slightly" makes the base change anything.
+_THINGS = ["a hat", "a dog", "a cat", "a small boat", "a bird", "a kite", "a tree", "a chair", "a clock", "a flag",
+           "a palace", "a bicycle", "a robot", "a guitar", "a book", "a teacup", "a moustache", "a crown", "a balloon",
+           "a horse", "an umbrella", "a lamp", "a ladder", "a fox", "two people"]
+_PARTS = ["person", "car", "tree", "sign", "lettering", "logo", "watermark", "bird", "fence", "building", "people", "house",
+          "boat", "dog", "face", "hat", "window", "cup", "table", "road"]
+_PLACES = ["left side", "right side", "top", "bottom", "corner", "middle", "background", "foreground"]
+_SCENES = ["a beach", "a forest", "a city street", "mountains", "a desert", "an ocean", "a field of flowers",
+           "a football stadium", "outer space", "a library", "a train station", "a jungle"]
+_STYLES = ["a cartoon", "a comic book", "an oil painting", "a pencil sketch", "a watercolor painting", "a sculpture",
+           "a lego model", "an anime still", "a child's drawing", "a magazine cover", "a movie poster", "a tattoo design"]
+_ARTISTS = ["van gogh", "monet", "picasso", "hokusai", "rembrandt", "warhol", "dali", "vermeer"]
+_WORDS = ["hello", "happy birthday", "sale", "welcome", "the end", "good luck"]
+_LANGUAGES = ["french", "german", "japanese", "spanish", "italian"]
+_ADJECTIVES = ["realistic", "natural", "accurate", "consistent", "faithful", "true to life", "balanced", "lifelike"]
+_TEMPLATES = [
+    ("add {thing}", "thing"), ("add {thing} to the {place}", "thing place"), ("put {thing} in the {place}", "thing place"),
+    ("remove the {part}", "part"), ("erase the {part} from the {place}", "part place"), ("delete the {part}", "part"),
+    ("replace the background with {scene}", "scene"), ("move the {part} to the {place}", "part place"),
+    ("make the {part} bigger", "part"), ("make the {part} smaller", "part"), ("zoom in on the {part}", "part"),
+    ("crop to the {part}", "part"), ("turn the {part} into {thing}", "part thing"), ("make it look like {style}", "style"),
+    ("redraw it as {style}", "style"), ("draw it in the style of {artist}", "artist"), ("in the style of {artist}", "artist"),
+    ("write {word} at the {place}", "word place"), ("add a caption that says {word}", "word"),
+    ("translate the {part} into {language}", "part language"), ("describe this picture", ""),
+    ("what is in this image", ""), ("how many {part}s are there", "part"), ("who took this photo", ""),
+    ("tell me a joke", ""), ("hello there", ""), ("count the {part}s", "part"), ("make the {part} smile", "part"),
+    ("put the {part} next to {thing}", "part thing"), ("swap the {part} and the {part2}", "part part2"),
+    # the benchmark's generic words (colour, tone, look, give, apply, decrease...) in requests it cannot do
+    ("change the color of the {part}", "part"), ("make the {part} a different colour", "part"),
+    ("what colour is the {part}", "part"), ("set the {part} to a colour of its own", "part"),
+    ("copy the colors of the {part} onto the {part2}", "part part2"), ("give the {part} the tone of {style}", "part style"),
+    ("give the image the look of {style}", "style"), ("apply a {style} filter to the {part}", "style part"),
+    ("give it the feel of {style}", "style"), ("make the tones of the {part} match the {part2}", "part part2"),
+    ("increase the size of the {part}", "part"), ("decrease the number of {part}s", "part"),
+    ("reduce the {part} to an outline", "part"), ("raise the {part} a little higher", "part"),
+    ("lower the {part} toward the {place}", "part place"), ("add {thing} to this picture", "thing"),
+    ("remove the {part} from the photo", "part"), ("turn the {part} around", "part"),
+    ("put a {style} effect on the {part}", "style part"), ("make the photo look like {style}", "style"),
+    ("make the colors of the {part} more {adj}", "part adj"), ("make the colors of the image {adj}", "adj"),
+    ("change the colors of the {part} to match {style}", "part style"), ("revert the {part} to the previous version", "part"),
+    ("reset the {part}", "part"), ("give the {part} the colors of {style}", "part style"),
+]
+_MODIFIERS = ["", "", "", " slightly", " a bit", " a lot", " strongly", " please", " by {n}%", " by {n} px", " by {n}"]
+
+
+def unknown_instruction(g: torch.Generator) -> str:
+    """A random instruction outside the base's family (and outside the benchmark's language):
+    a request from ``_TEMPLATES``, a modifier or value, and one time in five two requests joined by "and"."""
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    def request() -> str:
+        template, slots = pick(_TEMPLATES)
+        fill = {"thing": pick(_THINGS), "place": pick(_PLACES), "part": pick(_PARTS), "part2": pick(_PARTS),
+                "scene": pick(_SCENES), "style": pick(_STYLES), "artist": pick(_ARTISTS), "word": pick(_WORDS),
+                "language": pick(_LANGUAGES), "adj": pick(_ADJECTIVES)}
+        n = pick([5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 80, 100, 120, 150, 200, 1, 2, 3])
+        return template.format(**fill) + pick(_MODIFIERS).format(n=n)
+
+    text = request()
+    if float(torch.rand((), generator=g)) < 0.2:
+        text = f"{text} and {request()}"
+    return text
 
 
 def instructions() -> list[str]:
-    """Every phrasing of every pretraining op."""
+    """Every phrasing of every pretraining op (the unknown instructions are drawn at random)."""
     return [p for _, phrasings in PRETRAIN_OPS.values() for p in phrasings]
 
 
@@ -100,13 +177,24 @@ def smooth_images(n: int, size: int = 32, seed: int = 0) -> Tensor:
 # ---------------------------------------------------------------- training
 
 
-def _batch(crops: Tensor, batch: int, names: list[str], g: torch.Generator) -> tuple[Tensor, Tensor, list[str]]:
-    """A random batch: inputs, targets (B, 3, S, S) and one random phrasing per sample."""
+UNKNOWN_SHARE = 0.5  # share of pretraining samples with an out-of-family instruction and the input as target
+
+
+def _batch(crops: Tensor, batch: int, names: list[str], g: torch.Generator,
+           unknown_share: float = UNKNOWN_SHARE) -> tuple[Tensor, Tensor, list[str]]:
+    """A random batch: inputs, targets (B, 3, S, S) and one instruction per sample: with probability
+    ``unknown_share`` an out-of-family instruction (``unknown_instruction``, target = input), else a
+    random op of ``names`` with one of its phrasings."""
     x = crops[torch.randint(len(crops), (batch,), generator=g)]
     ops = torch.randint(len(names), (batch,), generator=g).tolist()
+    unknown = (torch.rand(batch, generator=g) < unknown_share).tolist()
     y = torch.empty_like(x)
     texts = []
     for i, k in enumerate(ops):
+        if unknown[i]:
+            y[i] = x[i]
+            texts.append(unknown_instruction(g))
+            continue
         fn, phrasings = PRETRAIN_OPS[names[k]]
         y[i] = fn(x[i: i + 1])[0]
         texts.append(phrasings[int(torch.randint(len(phrasings), (1,), generator=g))])
@@ -199,7 +287,7 @@ def load_or_train_editor(config: EditorConfig | None = None, cache_dir: str | Pa
     """
     config = config or EditorConfig()
     settings = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "n_crops": n_crops,
-                "photos": list(PHOTOS), "ops": list(PRETRAIN_OPS)}
+                "photos": list(PHOTOS), "ops": list(PRETRAIN_OPS), "unknown_share": UNKNOWN_SHARE}
     record = {"version": VERSION, "config": config.to_dict(), "settings": settings}
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()

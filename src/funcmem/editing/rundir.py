@@ -26,6 +26,7 @@ from ..io import read_json, write_json
 from .conditions import ConditionEncoder, TextEncoder, make_encoder
 from .editor import Editor
 from .methods import Bank, Base, EditingMemory, Shared
+from .pretrain import NEUTRAL
 
 CONFIG_NAME, EDITOR, MEMORY = "config.json", "editor", "functional_memory"
 OPTIONAL = {"shared_lora": Shared, "shared_lora_matched": Shared, "per_task_lora": Bank}
@@ -54,6 +55,11 @@ class Run:
     def condition(self) -> str:
         """The generator's condition: ``"encoders"`` or ``"base-hidden"``."""
         return self.config["conditions"][0]
+
+    @property
+    def base_text(self) -> str | None:
+        """What the frozen base reads instead of each instruction (a ``--base-instruction neutral`` run), or None."""
+        return NEUTRAL if self.config.get("base_instruction") == "neutral" else None
 
     @property
     def memory(self) -> EditingMemory:

@@ -23,8 +23,8 @@ CROPS = 4
 
 
 def example_instructions() -> dict[str, str]:
-    """One example instruction per edit: {edit name: its first training phrasing}."""
-    return {name: edit.train_phrasings[0] for name, edit in EDITS.items()}
+    """One example instruction per edit: {edit name: its first training phrasing} (tint's in red)."""
+    return {name: edit.example() for name, edit in EDITS.items()}
 
 
 @dataclass

@@ -33,7 +33,7 @@ class ConflictTracker:
     def __init__(self, shared, data, condition: str, num_edits: int, cfg):
         self.shared, self.num_edits, self.steps = shared, num_edits, cfg.steps
         g = torch.Generator().manual_seed(1234)
-        ids = data.edit_ids.cpu()
+        ids = torch.where(data.second_ids.cpu() < 0, data.edit_ids.cpu(), -1)  # single edits only
         self.batches = []
         for k in range(num_edits):
             rows = (ids == k).nonzero().flatten()
@@ -149,23 +149,60 @@ def edit_latency(memory, data, condition: str, repeats: int = 10) -> dict:
     return {"generate": gen, "generate_and_edit": full, "base_edit": base}
 
 
+SAMPLE_COLUMNS = (("base", "base"), ("shared_lora", "shared LoRA"), ("bank", "bank (oracle label)"),
+                  ("retrieval", "retrieval"), ("functional_memory", "functional memory"))
+
+
+def _sample_indices(evals: dict) -> list[tuple[str, int, str]]:
+    """(split, index, row label): one seen-wording example per edit, then held-out values (tint, a
+    value beside the training range, one between) and held-out compositions (three pairs)."""
+    seen = evals["seen_wording"]
+    rows = [("seen_wording", seen.groups.index(g), g) for g in dict.fromkeys(sorted(set(seen.groups)))]
+    values = evals.get("held_out_values")
+    if values is not None and values.instances:
+        picks = [lambda i: i.edits[0] == "tint", lambda i: i.kinds[0] == "beside", lambda i: i.kinds[0] == "between"]
+        for pick in picks:
+            hit = next((k for k, inst in enumerate(values.instances) if pick(inst)), None)
+            if hit is not None:
+                inst = values.instances[hit]
+                rows.append(("held_out_values", hit, f"{inst.edits[0]} {inst.kinds[0]} ({inst.values[0]})"))
+    pairs = evals.get("held_out_compositions")
+    if pairs is not None:
+        for g in list(dict.fromkeys(pairs.groups))[:3]:
+            rows.append(("held_out_compositions", pairs.groups.index(g), g))
+    return rows
+
+
 @torch.no_grad()
-def sample_rows(data, condition: str, edit_names, base, shared, memory) -> dict:
-    """One test example per edit: input, target and each method's output (for edits.png)."""
+def sample_rows(evals: dict, condition: str, methods: dict) -> dict:
+    """Rows for edits.png: input, target and each method's output with its PSNR to the target.
+
+    ``methods``: "base", "shared_lora", "per_task_lora" (a ``Bank``: told the edit, both edits' LoRAs
+    added for a composition, and again routed by retrieval) and "functional_memory"."""
+    bank = methods["per_task_lora"]
     rows = []
-    for k in range(len(edit_names)):
-        i = int((data.edit_ids == k).nonzero()[0])
+    for split, i, label in _sample_indices(evals):
+        data = evals[split]
         b = data.batch(torch.tensor([i], device=data.edit_ids.device), condition)
-        rows.append({"edit": edit_names[k], "instruction": data.instructions[i],
-                     "images": [t[0].clamp(0, 1).cpu() for t in (b["inputs"], b["targets"], base.predict(b),
-                                                                 shared.predict(b), memory.predict(b))]})
-    return {"columns": ["input", "target", "base", "shared LoRA", "functional memory"], "rows": rows}
+        outs = {}
+        for key, _ in SAMPLE_COLUMNS:
+            if key in ("bank", "retrieval"):
+                bank.route = "sum" if key == "bank" else "retrieval"
+                outs[key] = bank.predict(b)
+                bank.route = "label"
+            else:
+                outs[key] = methods[key].predict(b)
+        images = [b["inputs"], b["targets"], *outs.values()]
+        rows.append({"edit": label, "split": split, "instruction": data.instructions[i],
+                     "images": [t[0].clamp(0, 1).cpu() for t in images],
+                     "psnr": [psnr(t.clamp(0, 1), b["targets"]).item() for t in images]})
+    return {"columns": ["input", "target", *(name for _, name in SAMPLE_COLUMNS)], "rows": rows}
 
 
 @torch.no_grad()
 def instruction_probe(text_encoder, train_set, *eval_sets) -> list[float]:
     """How well the instruction alone names its edit: nearest-centroid accuracy of MiniLM sentence
-    embeddings (centroids from the training instructions), one value per evaluation set.
+    embeddings (centroids from the single-edit training instructions), one value per evaluation set.
 
     This bounds what any method that reads the instruction through MiniLM can know about the edit;
     the per-task oracle is told the edit instead.
@@ -173,8 +210,9 @@ def instruction_probe(text_encoder, train_set, *eval_sets) -> list[float]:
     def embed(data):
         return F.normalize(text_encoder.embed(list(data.instructions)).cpu(), dim=-1)
 
-    ids = train_set.edit_ids.cpu()
-    emb = embed(train_set)
+    single = (train_set.second_ids < 0).cpu()  # centroids from single-edit instructions only
+    ids = train_set.edit_ids.cpu()[single]
+    emb = embed(train_set)[single]
     centroids = F.normalize(torch.stack([emb[ids == k].mean(0) for k in ids.unique()]), dim=-1)
     keys = ids.unique()
     return [(keys[(embed(d) @ centroids.T).argmax(-1)] == d.edit_ids.cpu()).float().mean().item() for d in eval_sets]

@@ -10,7 +10,7 @@ import torch
 from ... import io
 from ...cli import UsageError, positive_int
 from ..conditions import CONDITIONS
-from .config import BenchmarkConfig
+from .config import BASE_INSTRUCTIONS, BenchmarkConfig
 from .report import write_report
 from .run import run
 
@@ -52,19 +52,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the generator's conditions, the first the main one (rows functional_memory and "
                         f"functional_memory[NAME]); names: {', '.join(CONDITIONS)} (default: encoders,label; the full "
                         "run adds base-hidden)")
+    parser.add_argument("--base-instruction", default="instruction", choices=list(BASE_INSTRUCTIONS),
+                        help="neutral: the frozen base reads a fixed neutral instruction, so only the adapter carries "
+                             "the instance (an ablation)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = benchmark_config(args)
+    cfg.base_instruction = args.base_instruction
     if args.condition:
         cfg.conditions = args.condition
     results = run(cfg, args.out)
     figures = io.torch_load(Path(args.out) / "figures.pt", allow_numpy=True)  # weights_only: no code runs
     write_report(Path(args.out), results, figures)
     (Path(args.out) / "figures.pt").unlink()
-    m = results["methods"]
     fit = results.get("methods_train", {})
-    print("\n".join(f"{k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}"
-                    + (f"  (training examples {fit[k]['psnr']:.2f})" if k in fit else "") for k, v in m.items()))
+    for split, table in results["eval"].items():
+        print(split)
+        print("\n".join(f"  {k:28s} PSNR {v['psnr']:6.2f} ± {v['psnr_std']:.2f}  SSIM {v['ssim']:.3f}"
+                        + (f"  (training examples {fit[k]['psnr']:.2f})" if k in fit else "") for k, v in table.items()))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

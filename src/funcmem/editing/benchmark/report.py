@@ -6,10 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
-PAPER = {"gradient_conflict": -0.30}
-METHOD_LABELS = {"base": "base editor", "shared_lora": "shared LoRA", "shared_lora_matched": "shared LoRA (matched)",
-                 "per_task_lora": "per-task LoRA (oracle)", "retrieval_lora": "retrieval LoRA",
+from .findings import SPLIT_LABELS, findings
+
+METHOD_LABELS = {"identity": "identity (input unchanged)", "base": "base editor", "shared_lora": "shared LoRA",
+                 "shared_lora_matched": "shared LoRA (matched)", "per_task_lora": "per-task LoRA (told the edit)",
+                 "retrieval_lora": "retrieval LoRA", "lora_sum": "lora_sum (told both edits)",
                  "functional_memory": "functional memory"}
+READS = {"identity": "nothing", "base": "the instruction (MiniLM token states)", "shared_lora": "nothing (one LoRA)",
+         "shared_lora_matched": "nothing (one LoRA)", "per_task_lora": "the first edit's label",
+         "retrieval_lora": "the condition (nearest key of the bank)", "lora_sum": "both edits' labels",
+         "functional_memory": "the condition (instruction + image), no label",
+         "functional_memory[label]": "the first edit's label (read off its phrasing), no value",
+         "functional_memory[base-hidden]": "the frozen editor's own last-layer tokens"}
 
 
 def pyplot():
@@ -22,19 +30,22 @@ def pyplot():
     return plt
 
 
-def edits_png(samples: dict, path: Path, scale: int = 4) -> None:
-    """Rows = edits; columns = input, target, base, shared LoRA, functional memory."""
+def edits_png(samples: dict, path: Path) -> None:
+    """Rows = examples (one per edit, held-out values, compositions); columns = input, target and each
+    method's output, with its PSNR to the target under each tile."""
     plt = pyplot()
     rows, cols = samples["rows"], samples["columns"]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols) + 1.6, 1.6 * len(rows)))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.5 * len(cols) + 1.6, 1.75 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c, img in enumerate(row["images"]):
             ax = axes[r, c]
             ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
+            if c != 1:
+                ax.set_xlabel(f"{row['psnr'][c]:.1f} dB", fontsize=7, labelpad=1)
             if r == 0:
                 ax.set_title(cols[c], fontsize=8)
-        axes[r, 0].set_ylabel(row["edit"], fontsize=8)
+        axes[r, 0].set_ylabel(row["edit"], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -72,16 +83,17 @@ def manifold_png(points: dict, silhouette: float, path: Path) -> None:
     plt.close(fig)
 
 
-def scaling_png(scaling: dict, methods: dict, path: Path) -> None:
+def scaling_png(scaling: dict, reference: dict, path: Path) -> None:
+    """Functional memory's PSNR against generator depth and LoRA rank; ``reference``: one split's eval."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label in ((axes[0], "depth", "generator depth"), (axes[1], "rank", "LoRA rank")):
         xs = sorted(scaling[key], key=float)
         ax.plot([float(x) for x in xs], [scaling[key][x] for x in xs], "o-", label="functional memory")
         for m, style in (("shared_lora", "--"), ("per_task_lora", ":")):
-            if m in methods:
-                ax.axhline(methods[m]["psnr"], linestyle=style, color="gray", label=METHOD_LABELS[m])
-        ax.set_xlabel(label), ax.set_ylabel("test PSNR (dB)")
+            if m in reference:
+                ax.axhline(reference[m]["psnr"], linestyle=style, color="gray", label=METHOD_LABELS[m])
+        ax.set_xlabel(label), ax.set_ylabel("PSNR, seen wording (dB)")
         ax.set_xticks([float(x) for x in xs])
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -89,82 +101,36 @@ def scaling_png(scaling: dict, methods: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _methods_table(results: dict) -> str:
-    methods, tasks = results["methods"], results["tasks"]
-    names = list(methods)
-    head = "| edit | " + " | ".join(METHOD_LABELS.get(n, n) for n in names) + " |\n"
-    head += "|---" * (len(names) + 1) + "|\n"
-    rows = []
-    for t in tasks:
-        vals = [methods[n]["per_task"][t]["psnr"] for n in names]
-        best = max(vals)
-        rows.append(f"| {t} | " + " | ".join((f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in vals) + " |")
-    mean = [f"{methods[n]['psnr']:.2f} ± {methods[n]['psnr_std']:.2f}" for n in names]
-    ssim = [f"{methods[n]['ssim']:.3f}" for n in names]
-    rows.append("| **mean PSNR** | " + " | ".join(mean) + " |")
-    rows.append("| **mean SSIM** | " + " | ".join(ssim) + " |")
-    return head + "\n".join(rows) + "\n"
+TRAINED_ONLY = ("identity", "base")  # not candidates for "best" in a table
 
 
-def _seen_table(results: dict) -> list[str]:
-    """Mean PSNR per method on held-out vs seen phrasings (same test photos)."""
-    seen = results.get("methods_seen_phrasings")
-    if not seen:
-        return []
-    rows = ["Mean test PSNR (dB) by instruction wording (the same unseen photos):", "",
-            "| method | held-out phrasings | training phrasings |", "|---|---|---|"]
-    rows += [f"| {name} | {results['methods'][name]['psnr']:.2f} | {v['psnr']:.2f} |" for name, v in seen.items()]
-    return rows + [""]
+def splits_table(results: dict) -> str:
+    """Mean PSNR ± std over seeds (SSIM in brackets): methods by split; the best trained method in bold."""
+    splits = list(results["eval"])
+    methods = list(dict.fromkeys(m for s in splits for m in results["eval"][s]))
+    rows = ["| method | reads | " + " | ".join(SPLIT_LABELS.get(s, s) for s in splits) + " |",
+            "|---|---|" + "---|" * len(splits)]
+    best = {s: max(v["psnr"] for k, v in results["eval"][s].items() if k not in TRAINED_ONLY) for s in splits}
+    for m in methods:
+        cells = []
+        for s in splits:
+            e = results["eval"][s].get(m)
+            text = "" if e is None else f"{e['psnr']:.2f} ± {e['psnr_std']:.2f} ({e['ssim']:.3f})"
+            cells.append(f"**{text}**" if e is not None and e["psnr"] == best[s] else text)
+        rows.append(f"| {METHOD_LABELS.get(m, m)} | {READS.get(m, '')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
-def findings(results: dict) -> list[str]:
-    """Honest sentences: each claim of the paper, and whether our numbers support it."""
-    m, out = results["methods"], []
-    fm = m["functional_memory"]["psnr"]
-    shared, matched, oracle = (m[k]["psnr"] for k in ("shared_lora", "shared_lora_matched", "per_task_lora"))
-    wins = sum(m["functional_memory"]["per_task"][t]["psnr"] > max(m["shared_lora"]["per_task"][t]["psnr"],
-                                                                    m["shared_lora_matched"]["per_task"][t]["psnr"])
-               for t in results["tasks"])
-    n = len(results["tasks"])
-    if fm > max(shared, matched):
-        out.append(f"Functional memory beats both shared LoRAs in mean PSNR ({fm:.2f} vs {shared:.2f} and "
-                   f"{matched:.2f} dB) and on {wins} of {n} edits, as the paper claims.")
-    else:
-        out.append(f"**Disagrees with the paper:** functional memory ({fm:.2f} dB) does not beat the best shared LoRA "
-                   f"({max(shared, matched):.2f} dB); it wins on {wins} of {n} edits.")
-    gap = oracle - fm
-    out.append(f"The per-task oracle (true label, {results['storage']['num_tasks']}x the storage) reaches "
-               f"{oracle:.2f} dB; functional memory is {abs(gap):.2f} dB {'below' if gap > 0 else 'above'} it, "
-               f"with no label.")
-    if "retrieval_lora" in m:
-        out.append(f"Retrieval of stored per-task LoRAs by nearest condition picks the right edit for "
-                   f"{100 * results['retrieval_accuracy']:.0f}% of test samples and reaches "
-                   f"{m['retrieval_lora']['psnr']:.2f} dB.")
-    if "methods_seen_phrasings" in results:
-        seen, probe = results["methods_seen_phrasings"], results.get("instruction_probe", {})
-        fm_s, best_s = seen["functional_memory"]["psnr"], max(seen["shared_lora"]["psnr"], seen["shared_lora_matched"]["psnr"])
-        out.append(f"With training phrasings on the same unseen test photos, functional memory reaches {fm_s:.2f} dB "
-                   f"against {best_s:.2f} for the best shared LoRA and {seen['per_task_lora']['psnr']:.2f} for the oracle. "
-                   + (f"The instruction alone names its edit for {100 * probe['held_out_phrasings']:.0f}% of held-out "
-                      f"phrasings and {100 * probe['seen_phrasings']:.0f}% of seen ones (nearest MiniLM centroid): "
-                      f"the held-out wording, not the generator, caps every method that reads the instruction."
-                      if probe else ""))
-    r = results["routing"]
-    margin = r["matched"] - max(r["mismatched"], r["averaged"])
-    verdict = "a wide margin, as the paper reports" if margin > 2 else "**a smaller margin than the paper suggests**"
-    out.append(f"Routing: the matched condition gives {r['matched']:.2f} dB, another instruction's condition "
-               f"{r['mismatched']:.2f}, the averaged condition {r['averaged']:.2f}, no LoRA {r['no_lora']:.2f}: {verdict}.")
-    g = results["gradient_conflict"]
-    inv = g["mean_inverse_pairs"]
-    start = g["by_step"].get("0", {}).get("mean_inverse_pairs")
-    out.append(f"Gradient conflict on the shared LoRA: inverse pairs' cosine is {inv:+.2f} at the end of training"
-               + (f" ({start:+.2f} at initialisation)" if start is not None else "")
-               + f", all pairs {g['mean_all_pairs']:+.2f}; HY-WU reports about {PAPER['gradient_conflict']:+.2f} between "
-               f"heterogeneous tasks. " + ("Inverse edits conflict here too." if inv < 0 else
-                                           "**Here inverse edits do not conflict on average.**"))
-    s = results["manifold"]["silhouette"]
-    out.append(f"Generated LoRAs {'cluster' if s > 0.1 else '**cluster only weakly**'} by edit (silhouette {s:.2f}).")
-    return out
+def per_edit_table(results: dict, split: str) -> str:
+    """PSNR per edit (or pair) on one split, methods as columns, the best trained method in bold."""
+    table = results["eval"][split]
+    names = list(table)
+    rows = ["| edit | " + " | ".join(METHOD_LABELS.get(n, n) for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for edit in next(iter(table.values()))["per_edit"]:
+        vals = [table[n]["per_edit"][edit]["psnr"] for n in names]
+        best = max(v for n, v in zip(names, vals) if n not in TRAINED_ONLY)
+        rows.append(f"| {edit} | " + " | ".join(f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def write_report(out: Path, results: dict, figures: dict) -> None:
@@ -173,42 +139,47 @@ def write_report(out: Path, results: dict, figures: dict) -> None:
     edits_png(figures["samples"], out / "edits.png")
     conflict_png(results["gradient_conflict"], results["tasks"], out / "conflict.png")
     manifold_png(figures["manifold"], results["manifold"]["silhouette"], out / "manifold.png")
-    scaling_png(results["scaling"], results["methods"], out / "scaling.png")
+    if any(results["scaling"].values()):
+        scaling_png(results["scaling"], results["eval"]["seen_wording"], out / "scaling.png")
     lines = _results_section(results) + _analysis_section(results) + _cost_section(results)
     (out / "report.md").write_text("\n".join(lines))
 
 
 def _results_section(results: dict) -> list[str]:
     """Title, setting, findings, the PSNR tables and the parameter counts."""
-    p, cfg = results["params"], results["config"]
+    p, cfg, sp = results["params"], results["config"], results["splits"]
     return [
         "# Functional memory on conflicting image edits",
         "",
-        f"{len(results['tasks'])} edits in {len(results['inverse_pairs'])} inverse pairs, {cfg['size']} px crops of real photos, "
-        f"split by photo ({len(results['splits']['train_photos'])} train / {len(results['splits']['test_photos'])} test photos, "
-        f"{results['splits']['test_examples']} test examples with held-out phrasings). Every method: {cfg['steps']} steps, "
-        f"batch {cfg['batch']}, seeds {cfg['seeds']}, condition `{results['condition']}`.",
+        f"{len(results['tasks'])} edits in {len(results['inverse_pairs'])} inverse pairs, with values and compositions, "
+        f"{cfg['size']} px crops of real photos, split by photo ({len(sp['train_photos'])} train / "
+        f"{len(sp['test_photos'])} test photos; {sp['train_examples']} training examples, "
+        + ", ".join(f"{n} {SPLIT_LABELS.get(s, s)}" for s, n in sp["test_examples"].items())
+        + f" test examples). Every method: {cfg['steps']} steps, batch {cfg['batch']}, seeds {cfg['seeds']}, "
+        f"condition `{results['condition']}`.",
         "",
         "## Findings",
         "",
         *[f"- {s}" for s in findings(results)],
         "",
-        "## Test PSNR (dB) by edit",
+        "## Test PSNR (dB) by split: mean ± std over seeds (SSIM)",
         "",
-        _methods_table(results),
-        "",
-        *_seen_table(results),
-        f"Trainable parameters: shared LoRA {p['shared_lora']:,} (rank {cfg['rank']}), matched shared LoRA "
-        f"{p['shared_lora_matched']:,} (rank {p['shared_lora_matched_rank']}), per-task LoRAs {p['per_task_lora']:,}, "
-        f"functional memory {p['functional_memory']:,} (generator + condition projector); "
-        f"{p['generated_per_instance']:,} LoRA numbers generated per instance. Base editor {p['base_editor']:,}. "
-        + (f"The matched rank ({p['shared_lora_matched_rank']}) exceeds the smallest target's full rank "
-           f"({p['min_full_rank']}): there the matched LoRA is a full-rank update with redundant parameters."
-           if p["shared_lora_matched_rank"] > p["min_full_rank"] else
-           f"The matched rank ({p['shared_lora_matched_rank']}) stays within every target's full rank "
-           f"(smallest {p['min_full_rank']})."),
+        splits_table(results),
+        "On compositions `per_task_lora` is told the first edit only; `lora_sum` adds both edits' LoRAs.",
         "",
         "![edits](edits.png)",
+        "",
+        "Columns: the input, the target, then each method's output with its PSNR to the target; the bank column "
+        "is told the edit (both edits' LoRAs added on compositions).",
+        "",
+        *[line for split in results["eval"] for line in
+          (f"### Per edit, {SPLIT_LABELS.get(split, split)}", "", per_edit_table(results, split), "")],
+        f"Trainable parameters: shared LoRA {p['shared_lora']:,} (rank {cfg['rank']}), "
+        + (f"matched shared LoRA {p['shared_lora_matched']:,} (rank {p['shared_lora_matched_rank']}), "
+           if "shared_lora_matched" in p else "")
+        + f"per-task LoRAs {p['per_task_lora']:,}, "
+        f"functional memory {p['functional_memory']:,} (generator + condition projector); "
+        f"{p['generated_per_instance']:,} LoRA numbers generated per instance. Base editor {p['base_editor']:,}.",
         "",
     ]
 
@@ -217,7 +188,7 @@ def _analysis_section(results: dict) -> list[str]:
     """Routing, gradient conflict, manifold and scaling."""
     mf = results["manifold"]
     return [
-        "## Conditional routing (PSNR, dB)",
+        "## Conditional routing (PSNR, dB, seen wording)",
         "",
         "| matched | mismatched instruction | averaged condition | no LoRA |",
         "|---|---|---|---|",
@@ -240,15 +211,24 @@ def _analysis_section(results: dict) -> list[str]:
         "",
         "![manifold](manifold.png)",
         "",
+        *_scaling_section(results["scaling"]),
+    ]
+
+
+def _scaling_section(scaling: dict) -> list[str]:
+    """Generator depth and LoRA rank sweeps (absent from the quick run)."""
+    if not any(scaling.values()):
+        return []
+    return [
         "## Scaling",
         "",
-        "| generator depth | " + " | ".join(results["scaling"]["depth"]) + " |",
-        "|---" * (len(results["scaling"]["depth"]) + 1) + "|",
-        "| PSNR | " + " | ".join(f"{v:.2f}" for v in results["scaling"]["depth"].values()) + " |",
+        "| generator depth | " + " | ".join(scaling["depth"]) + " |",
+        "|---" * (len(scaling["depth"]) + 1) + "|",
+        "| PSNR | " + " | ".join(f"{v:.2f}" for v in scaling["depth"].values()) + " |",
         "",
-        "| LoRA rank | " + " | ".join(results["scaling"]["rank"]) + " |",
-        "|---" * (len(results["scaling"]["rank"]) + 1) + "|",
-        "| PSNR | " + " | ".join(f"{v:.2f}" for v in results["scaling"]["rank"].values()) + " |",
+        "| LoRA rank | " + " | ".join(scaling["rank"]) + " |",
+        "|---" * (len(scaling["rank"]) + 1) + "|",
+        "| PSNR | " + " | ".join(f"{v:.2f}" for v in scaling["rank"].values()) + " |",
         "",
         "![scaling](scaling.png)",
         "",

@@ -4,10 +4,12 @@ evaluated and analysed. ``run(config, out)`` writes ``results.json`` and the run
 
 Data flow:
 
-    photos (wheels or --images) -> split by photo -> crops + edits (train / held-out phrasings)
+    photos (wheels or --images) -> split by photo -> task examples (``tasks``): "train" on the train
+    photos, each of ``tasks.EVAL_SPLITS`` on the test photos
     -> frozen features once: MiniLM token states (the editor reads them) + raw condition streams
-    -> each row of ``methods_table`` built, trained by funcmem.train.Trainer, evaluated
-    -> PSNR / SSIM per edit on the test split, analyses of the first seed's methods
+    -> identity and the base evaluated; each row of ``methods_table`` built, trained by
+       funcmem.train.Trainer, evaluated on every split (``eval[split][method]``, see ``evaluate``)
+    -> analyses of the first seed's methods
 """
 
 from __future__ import annotations
@@ -22,19 +24,22 @@ from torch import nn
 from ... import io
 from .. import rundir
 from ..conditions import TextEncoder, make_encoder
-from ..data import make_examples, manifest
+from ..data import manifest
 from ..editor import EditorConfig
-from ..methods import Bank, Base, Shared
-from ..ops import EDITS
-from ..pretrain import load_or_train_editor
+from ..methods import Bank, Base, Identity, Shared
+from ..ops import FAMILY
+from ..pretrain import NEUTRAL, load_or_train_editor
 from . import analysis
 from .config import BenchmarkConfig
 from .evaluate import evaluate, mean_over_seeds
-from .sets import EditSet, build_set, photo_split
+from .sets import EditSet, build_set, photo_split, task_examples
 from .training import Timer, make_memory, matched_rank, train, warm_start_from_bank
 
-METHODS = ("base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "functional_memory")
+METHODS = ("identity", "base", "shared_lora", "shared_lora_matched", "per_task_lora", "retrieval_lora", "lora_sum",
+           "functional_memory")
 """The order results list methods in (then ``functional_memory[condition]`` for further conditions)."""
+COMPOSITIONS = "held_out_compositions"
+ONLY_ON = {"lora_sum": (COMPOSITIONS,)}  # a method reported on some splits only (elsewhere it is per_task_lora)
 
 
 @dataclass
@@ -45,8 +50,7 @@ class Context:
     editor: nn.Module
     text_encoder: TextEncoder
     train: EditSet
-    test: EditSet
-    seen: EditSet  # the test photos with training phrasings: "unseen photo" apart from "unseen wording"
+    evals: dict[str, EditSet]  # split of ``tasks.EVAL_SPLITS`` -> its test-photo set
     raw_dims: dict[str, dict[str, int]]  # condition -> its encoder's stream widths
     photos: dict[str, list] = field(default_factory=dict)  # "train" / "test" -> photos
 
@@ -57,7 +61,8 @@ class Context:
 
     @property
     def edit_names(self) -> list[str]:
-        return list(EDITS)
+        """The family's edits (``tasks.EDIT_NAMES`` starts with them: ids 0 .. K - 1)."""
+        return list(FAMILY)
 
 
 @dataclass
@@ -66,8 +71,8 @@ class Method:
 
     ``build(ctx, seed, trained)`` gets the methods this seed has trained so far (rows run in table
     order); ``track(ctx, method)`` (first seed only) returns a training callback whose ``result``
-    the run reports; ``views(ctx, method)`` yields further names to evaluate the trained method
-    under (it may change the method's state between names and must restore it).
+    the run reports; ``views(ctx, method)`` yields the names to evaluate the trained method under
+    (default: its own name; it may change the method's state between names and must restore it).
     """
 
     name: str
@@ -100,45 +105,51 @@ def _matched(ctx: Context, seed: int, trained: dict) -> nn.Module:
 
 
 def _bank(ctx: Context, seed: int, trained: dict) -> nn.Module:
-    return Bank(ctx.editor, ctx.cfg.targets, ctx.cfg.rank, ctx.cfg.alpha, len(ctx.edit_names))
+    """One LoRA per family edit, trained with sum routing (a composition trains both its edits' LoRAs)."""
+    bank = Bank(ctx.editor, ctx.cfg.targets, ctx.cfg.rank, ctx.cfg.alpha, len(ctx.edit_names))
+    bank.route = "sum"
+    return bank
 
 
 def _conflict_tracker(ctx: Context, shared: nn.Module):
     return analysis.ConflictTracker(shared, ctx.train, ctx.condition, len(ctx.edit_names), ctx.cfg)
 
 
-def _retrieval(ctx: Context, bank: Bank) -> Iterator[str]:
-    """The same LoRAs picked by the nearest key to the condition instead of the label."""
-    bank.set_keys(ctx.train.pooled[ctx.condition], ctx.train.edit_ids)
-    bank.route = "retrieval"
+def _bank_views(ctx: Context, bank: Bank) -> Iterator[str]:
+    """The bank told the first edit (``per_task_lora``), picked by the nearest key to the condition
+    (``retrieval_lora``; keys from single-edit training samples), and told both edits (``lora_sum``)."""
+    singles = ctx.train.second_ids < 0
+    bank.set_keys(ctx.train.pooled[ctx.condition][singles], ctx.train.edit_ids[singles])
     try:
-        yield "retrieval_lora"
+        for name, route in (("per_task_lora", "label"), ("retrieval_lora", "retrieval"), ("lora_sum", "sum")):
+            bank.route = route
+            yield name
     finally:
         bank.route = "label"
 
 
 def methods_table(cfg: BenchmarkConfig) -> list[Method]:
-    """The benchmark's methods in training order (the matched LoRA reads the generator's size)."""
+    """The benchmark's trained methods in training order (the matched LoRA reads the generator's size),
+    less ``cfg.skip_methods``."""
     lr_generator, lr_lora = (lambda c: c.lr_generator), (lambda c: c.lr_lora)
     memories = [Method("functional_memory", "functional memory", _memory(), lr_generator),
                 *[Method(f"functional_memory[{c}]", f"functional memory [{c}]", _memory(c), lr_generator, condition=c)
                   for c in cfg.conditions[1:]]]
     cold = [m for m in memories if (m.condition or cfg.conditions[0]) not in cfg.warm_start]
     warm = [m for m in memories if m not in cold]  # distilled from the trained bank: they train after it
-    return [*cold, Method("shared_lora", "shared LoRA", _shared, lr_lora, track=_conflict_tracker),
-            Method("per_task_lora", "per-task LoRAs", _bank, lr_lora, views=_retrieval), *warm,
-            Method("shared_lora_matched", "shared LoRA, matched rank", _matched, lr_lora)]
+    table = [*cold, Method("shared_lora", "shared LoRA", _shared, lr_lora, track=_conflict_tracker),
+             Method("per_task_lora", "per-task LoRAs", _bank, lr_lora, views=_bank_views), *warm,
+             Method("shared_lora_matched", "shared LoRA, matched rank", _matched, lr_lora)]
+    return [m for m in table if m.name not in cfg.skip_methods]
 
 
 def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Context:
-    """Photos, examples, the cached base editor and every set's frozen features."""
-    device, edit_names = torch.device(cfg.device), list(EDITS)
+    """Photos, task examples of every split, the cached base editor and every set's frozen features."""
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.data_seed)
     with timer.stage("data"):
         train_photos, test_photos = photo_split(cfg.images, cfg.data_seed)
-        examples = [make_examples(train_photos, edit_names, cfg.train_examples, cfg.size, "train", cfg.data_seed),
-                    make_examples(test_photos, edit_names, cfg.test_examples, cfg.size, "test", cfg.data_seed + 1),
-                    make_examples(test_photos, edit_names, cfg.test_examples, cfg.size, "train", cfg.data_seed + 2)]
+        examples = task_examples(cfg, train_photos, test_photos)
     with timer.stage("base_editor"):
         text_encoder = TextEncoder()
         editor_cfg = EditorConfig.from_dict({**cfg.editor, "image_size": cfg.size})
@@ -146,79 +157,81 @@ def prepare(cfg: BenchmarkConfig, timer: Timer, progress: bool = True) -> Contex
                                       progress=progress).to(device)
     with timer.stage("features"):
         encoders = {c: make_encoder(c, editor, text_encoder) for c in cfg.conditions}
-        sets = [build_set(ex, text_encoder, encoders, editor_cfg, device) for ex in examples]
-    return Context(cfg, editor, text_encoder, *sets, {c: e.raw_dims for c, e in encoders.items()},
+        base_text = NEUTRAL if cfg.base_instruction == "neutral" else None
+        sets = {k: build_set(ex, text_encoder, encoders, editor_cfg, device, base_text) for k, ex in examples.items()}
+    return Context(cfg, editor, text_encoder, sets.pop("train"), sets, {c: e.raw_dims for c, e in encoders.items()},
                    {"train": train_photos, "test": test_photos})
 
 
 @dataclass
 class Trained:
-    """Every seed's evaluations (test split, seen phrasings, and training examples: as many as the
-    test split has), and the first seed's methods."""
+    """Every seed's evaluations (``evals[split][method]``: one per seed), and the first seed's methods."""
 
-    evals: dict[str, list[dict]]
-    seen: dict[str, list[dict]]
-    train: dict[str, list[dict]]
+    evals: dict[str, dict[str, list[dict]]]
+    train: dict[str, list[dict]] = field(default_factory=dict)  # on training examples, as many as a test split
     first: dict[str, nn.Module] = field(default_factory=dict)
     conflict: dict | None = None
 
 
 def train_methods(ctx: Context, timer: Timer) -> Trained:
-    """Every row of the table for every seed; the frozen base is evaluated once."""
-    cfg, names = ctx.cfg, ctx.edit_names
-    table = methods_table(cfg)
-    out = Trained({"base": []}, {"base": []}, {"base": []})
-    base, fitted = Base(ctx.editor), ctx.train.head(len(ctx.test))
-    base_eval = [evaluate(base, data, ctx.condition, names) for data in (ctx.test, ctx.seen, fitted)]
+    """Every row of the table for every seed; identity and the frozen base are evaluated once."""
+    cfg = ctx.cfg
+    out = Trained({split: {} for split in ctx.evals})
+    fitted = ctx.train.head(cfg.test_examples)
 
-    def record(name: str, method, cond: str) -> None:
-        for evals, data in ((out.evals, ctx.test), (out.seen, ctx.seen), (out.train, fitted)):
-            evals.setdefault(name, []).append(evaluate(method, data, cond, names))
+    def record(name: str, method, cond: str, times: int = 1) -> None:
+        for split, data in ctx.evals.items():
+            if split in ONLY_ON.get(name, (split,)):
+                out.evals[split].setdefault(name, []).extend([evaluate(method, data, cond)] * times)
+        if name not in ONLY_ON:
+            out.train.setdefault(name, []).extend([evaluate(method, fitted, cond)] * times)
 
+    record("identity", Identity(), ctx.condition, len(cfg.seeds))
+    record("base", Base(ctx.editor), ctx.condition, len(cfg.seeds))
     for seed in cfg.seeds:
         trained: dict[str, nn.Module] = {}
-        for m in table:
+        for m in methods_table(cfg):
             cond = m.condition or ctx.condition
             with timer.stage(m.name):
                 torch.manual_seed(seed)
                 method = m.build(ctx, seed, trained).to(cfg.device)
                 tracker = m.track(ctx, method) if m.track and seed == cfg.seeds[0] else None
                 train(method, ctx.train, cond, cfg, m.lr(cfg), seed, f"{m.label} (seed {seed})", tracker)
-                record(m.name, method, cond)
-                for view in m.views(ctx, method) if m.views else ():
+                for view in m.views(ctx, method) if m.views else (m.name,):
                     record(view, method, cond)
             if tracker is not None:
-                out.conflict = tracker.result(names)
+                out.conflict = tracker.result(ctx.edit_names)
             trained[m.name] = method
-        for evals, base_result in zip((out.evals, out.seen, out.train), base_eval):
-            evals["base"].append(base_result)
         out.first = out.first or trained
     return out
 
 
 def parameter_counts(editor, methods: dict[str, nn.Module]) -> dict:
     """Trainable parameters of the first seed's methods (and what the generator makes per instance)."""
-    memory, shared, matched, bank = (methods[k] for k in ("functional_memory", "shared_lora",
-                                                            "shared_lora_matched", "per_task_lora"))
-    return {"base_editor": editor.count_parameters(), "shared_lora": shared.num_trainable_parameters(),
-            "shared_lora_matched": matched.num_trainable_parameters(), "shared_lora_matched_rank": matched.rank,
-            "min_full_rank": min(min(t.in_features, t.out_features) for t in shared.targets),
-            "per_task_lora": bank.num_trainable_parameters(), "retrieval_lora": bank.num_trainable_parameters(),
-            "functional_memory": memory.num_trainable_parameters(),
-            "functional_memory_generator": memory.fm.num_trainable_parameters(),
-            "generated_per_instance": memory.fm.lora_parameters_per_instance()}
+    memory, shared, bank = (methods[k] for k in ("functional_memory", "shared_lora", "per_task_lora"))
+    out = {"base_editor": editor.count_parameters(), "shared_lora": shared.num_trainable_parameters(),
+           "min_full_rank": min(min(t.in_features, t.out_features) for t in shared.targets),
+           "per_task_lora": bank.num_trainable_parameters(), "retrieval_lora": bank.num_trainable_parameters(),
+           "functional_memory": memory.num_trainable_parameters(),
+           "functional_memory_generator": memory.fm.num_trainable_parameters(),
+           "generated_per_instance": memory.fm.lora_parameters_per_instance()}
+    if "shared_lora_matched" in methods:
+        matched = methods["shared_lora_matched"]
+        out.update(shared_lora_matched=matched.num_trainable_parameters(), shared_lora_matched_rank=matched.rank)
+    return out
 
 
 def analyse(ctx: Context, first: dict[str, nn.Module]) -> tuple[dict, dict]:
     """The first seed's analyses: routing, retrieval accuracy, instruction probe, manifold, storage.
     Returns (results, manifold points for the figure)."""
     memory, bank, cond = first["functional_memory"], first["per_task_lora"], ctx.condition
+    seen, held_out = ctx.evals["seen_wording"], ctx.evals["held_out_wording"]
     accuracy = lambda data: (bank.retrieve(data.pooled[cond]) == data.edit_ids).float().mean().item()
-    out = {"routing": analysis.routing(memory, ctx.test, cond), "retrieval_accuracy": accuracy(ctx.test),
-           "retrieval_accuracy_seen_phrasings": accuracy(ctx.seen),
+    out = {"routing": analysis.routing(memory, seen, cond), "retrieval_accuracy": accuracy(held_out),
+           "retrieval_accuracy_seen_phrasings": accuracy(seen),
            "instruction_probe": dict(zip(("held_out_phrasings", "seen_phrasings"),
-                                         analysis.instruction_probe(ctx.text_encoder, ctx.train, ctx.test, ctx.seen)))}
-    out["manifold"], points = analysis.manifold(memory, ctx.test, cond, ctx.edit_names)
+                                         analysis.instruction_probe(ctx.text_encoder, ctx.train, held_out, seen)))}
+    out["manifold"], points = analysis.manifold(memory, seen, cond, ctx.edit_names)
     out["storage"] = analysis.storage(memory, bank, first["shared_lora"])
     return out, points
 
@@ -232,25 +245,26 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
     trained = train_methods(ctx, timer)
     first, memory = trained.first, trained.first["functional_memory"]
     results = {"tasks": ctx.edit_names, "inverse_pairs": [list(p) for p in analysis.inverse_pairs(ctx.edit_names)],
-               "config": asdict(cfg), "methods": _by_method(trained.evals), "methods_seen_phrasings": _by_method(trained.seen),
+               "config": asdict(cfg), "eval": {split: _by_method(e) for split, e in trained.evals.items()},
                "methods_train": _by_method(trained.train),
                "params": parameter_counts(ctx.editor, first), "gradient_conflict": trained.conflict,
                "splits": {"train_photos": [p.name for p in ctx.photos["train"]],
                           "test_photos": [p.name for p in ctx.photos["test"]],
-                          "train_examples": len(ctx.train), "test_examples": len(ctx.test)},
+                          "train_examples": len(ctx.train), "test_examples": {k: len(v) for k, v in ctx.evals.items()}},
                "condition": ctx.condition,
                "warm_start": {name: m.warm_start for name, m in first.items() if hasattr(m, "warm_start")}}
     with timer.stage("analyses"):
         analysed, manifold_points = analyse(ctx, first)
         results.update(analysed)
     with timer.stage("scaling"):
-        results["scaling"] = scaling(ctx, results["methods"]["functional_memory"]["per_seed_psnr"][0])
+        results["scaling"] = scaling(ctx, results["eval"]["seen_wording"]["functional_memory"]["per_seed_psnr"][0])
     with timer.stage("save"):
         rundir.save_run(out, asdict(cfg), ctx.editor, {k: first[k] for k in ("functional_memory", "shared_lora",
-                                                                            "shared_lora_matched", "per_task_lora")})
+                                                                            "shared_lora_matched", "per_task_lora")
+                                                       if k in first})
         io.write_json(out / "manifest.json", {"train": manifest(ctx.photos["train"]), "test": manifest(ctx.photos["test"])})
-    results["timing"] = {**timer.seconds, "edit_latency_ms": analysis.edit_latency(memory, ctx.test, ctx.condition)}
-    samples = analysis.sample_rows(ctx.test, ctx.condition, ctx.edit_names, Base(ctx.editor), first["shared_lora"], memory)
+    results["timing"] = {**timer.seconds, "edit_latency_ms": analysis.edit_latency(memory, ctx.train, ctx.condition)}
+    samples = analysis.sample_rows(ctx.evals, ctx.condition, {"base": Base(ctx.editor), **first})
     io.write_json(out / "results.json", results)
     torch.save({"samples": samples, "manifold": manifold_points}, out / "figures.pt")
     return results
@@ -263,7 +277,8 @@ def _by_method(evals: dict[str, list[dict]]) -> dict:
 
 
 def scaling(ctx: Context, main_psnr: float) -> dict:
-    """Generator depth and LoRA rank sweeps (first seed); the main config's point is reused."""
+    """Generator depth and LoRA rank sweeps (first seed, seen wording); the main config's point is
+    reused. Empty sweeps (the quick run) measure nothing."""
     cfg, cond, seed = ctx.cfg, ctx.condition, ctx.cfg.seeds[0]
     sweeps = {"depth": (cfg.scaling_depths, cfg.generator["depth"]), "rank": (cfg.scaling_ranks, cfg.rank)}
     out = {}
@@ -275,5 +290,5 @@ def scaling(ctx: Context, main_psnr: float) -> dict:
                 continue
             memory = make_memory(ctx.editor, ctx.train.raw[cond], ctx.raw_dims[cond], cfg, seed, **{what: value})
             train(memory, ctx.train, cond, cfg, cfg.lr_generator, seed, f"scaling: {what} {value}")
-            out[what][str(value)] = evaluate(memory, ctx.test, cond, ctx.edit_names)["psnr"]
+            out[what][str(value)] = evaluate(memory, ctx.evals["seen_wording"], cond)["psnr"]
     return out

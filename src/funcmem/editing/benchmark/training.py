@@ -50,10 +50,11 @@ def train(method, data: EditSet, condition: str, cfg: BenchmarkConfig, lr: float
 def warm_start_from_bank(memory: EditingMemory, bank, data: EditSet, condition: str, cfg: BenchmarkConfig,
                          seed: int, n: int = 1024) -> dict:
     """Distil a trained bank into a fresh generator (``funcmem.warm_start``) before its training:
-    on up to ``n`` training examples, the generated update for each example's condition is matched
+    on up to ``n`` single-edit training examples, the generated update for each example's condition is matched
     to the bank's LoRA of its edit. The projector stays at its initial map (it trains afterwards)."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data), generator=g)[:n].to(data.inputs.device)
+    singles = (data.second_ids.cpu() < 0).nonzero().flatten()  # a composition has no single bank LoRA to match
+    idx = singles[torch.randperm(len(singles), generator=g)[:n]].to(data.inputs.device)
     batch = data.batch(idx, condition)
     with torch.no_grad():
         conditions = memory.condition(batch)

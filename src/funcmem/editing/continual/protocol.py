@@ -27,7 +27,7 @@ from ..benchmark.evaluate import evaluate
 from ..benchmark.sets import EditSet, build_set, photo_split
 from ..benchmark.training import Timer
 from ..conditions import TextEncoder, make_encoder
-from ..data import make_examples
+from ..tasks import make_examples
 from ..editor import EditorConfig
 from ..methods import Base
 from ..pretrain import load_or_train_editor
@@ -145,7 +145,7 @@ def teach(stages: list[Stage], learners: dict, cfg: ContinualConfig, timer: Time
             with timer.stage(m):
                 learner.learn(k, stage.train, f"{m}: stage {stage.name}")  # stage k's data only
                 for j in range(k + 1):
-                    out[m]["matrix"][k][j] = evaluate(learner.method, stages[j].test, cfg.condition, EDIT_NAMES)["psnr"]
+                    out[m]["matrix"][k][j] = evaluate(learner.method, stages[j].test, cfg.condition)["psnr"]
             out[m]["storage"].append(learner.storage())
     return out
 
@@ -186,7 +186,7 @@ def run(cfg: ContinualConfig, out: str | Path, forget: list[str] | str | None = 
         stages = make_stages(cfg, text_encoder, encoder, editor_cfg)
     learners = make_learners(editor, encoder, stages[0].train, cfg, methods)
     taught = teach(stages, learners, cfg, timer)
-    base = [evaluate(Base(editor), s.test, cfg.condition, EDIT_NAMES)["psnr"] for s in stages]
+    base = [evaluate(Base(editor), s.test, cfg.condition)["psnr"] for s in stages]
     results = {"config": asdict(cfg), "stages": [{"name": s.name, "edits": s.edits, "train_examples": len(s.train),
                                                   "test_examples": len(s.test)} for s in stages],
                "base_psnr": base, "methods": method_results(taught, learners, cfg)}
