@@ -244,13 +244,18 @@ def safetensors_dir_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         if not (path / "model.safetensors").is_file():
             load_safetensors_dir(path)  # raises: no weights, or only a pickle
         return safetensors_shapes(path / "model.safetensors")
+    shapes = {}
+    for shard in sorted(set(_weight_map(index).values())):
+        shapes.update(safetensors_shapes(path / shard))
+    return shapes
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's ``weight_map`` (weight name -> shard file), or a ValueError."""
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index} has no weight_map")
-    shapes = {}
-    for shard in sorted(set(weight_map.values())):
-        shapes.update(safetensors_shapes(path / shard))
-    return shapes
+    return weight_map
 
 
 def load_safetensors_dir(path: str | Path, allow_pickle: bool = False) -> dict[str, Tensor]:
@@ -262,9 +267,7 @@ def load_safetensors_dir(path: str | Path, allow_pickle: bool = False) -> dict[s
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
+        weight_map = _weight_map(index)
         state = {}
         for shard in sorted(set(weight_map.values())):
             state.update(read_safetensors(path / shard))
