@@ -29,6 +29,7 @@ training besides its own.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -120,8 +121,6 @@ class FitTasks:
     """
 
     def __init__(self, cfg: FitConfig, base: ToyMLP, seed: int):
-        import copy
-
         g = torch.Generator().manual_seed(seed)
         self.cfg, k = cfg, cfg.tasks
         self.teacher = LoRABank(copy.deepcopy(base), TARGETS, cfg.rank, cfg.alpha, num=k)
@@ -159,7 +158,8 @@ class FitTasks:
 # ---------------------------------------------------------------- models
 
 
-def generator_loss(fm: FunctionalMemory, conditions: Tensor):
+def generator_loss(conditions: Tensor):
+    """The generator's MSE, its condition looked up by each sample's task."""
     def loss(module: FunctionalMemory, batch: dict) -> Tensor:
         return ((module(conditions[batch["task"]], batch["x"]) - batch["y"]) ** 2).mean()
     return loss
@@ -184,9 +184,8 @@ def predict(model, tasks: FitTasks, split: dict, chunk: int = 1024) -> Tensor:
 
 
 def scores(model, tasks: FitTasks) -> dict:
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    was_training = model.training
+    model.eval()
     out = {}
     for name, split in (("train", tasks.train), ("test", tasks.test)):
         pred = predict(model, tasks, split)
@@ -213,14 +212,11 @@ def make_generator(cfg: FitConfig, base: ToyMLP, cond_dim: int) -> FunctionalMem
 
 def run_seed(cfg: FitConfig, seed: int) -> dict:
     """Bank and generator (and the baselines) on one seed's tasks."""
-    import copy
-
     torch.manual_seed(seed)
     base = ToyMLP(cfg.dim, cfg.depth)
     tasks = FitTasks(cfg, base, seed)
     batches = lambda step: tasks.batch(step, seed)  # noqa: E731
-    rows = {"base": scores(tasks.teacher.base, tasks) | {}, "oracle": {}}
-    rows["oracle"] = scores(tasks.teacher, tasks)
+    rows = {"base": scores(tasks.teacher.base, tasks), "oracle": scores(tasks.teacher, tasks)}
 
     torch.manual_seed(seed)
     bank = LoRABank(copy.deepcopy(base), TARGETS, cfg.rank, cfg.alpha, num=cfg.tasks)
@@ -229,7 +225,7 @@ def run_seed(cfg: FitConfig, seed: int) -> dict:
 
     torch.manual_seed(seed)
     fm = make_generator(cfg, copy.deepcopy(base), tasks.conditions.shape[-1])
-    sps, history = _train(fm, generator_loss(fm, tasks.conditions), batches, cfg, cfg.lr_generator, "generator")
+    sps, history = _train(fm, generator_loss(tasks.conditions), batches, cfg, cfg.lr_generator, "generator")
     rows["generator"] = {**scores(fm, tasks), "s_per_step": sps, **_generator_params(fm),
                          "routing_margin": history[-1].get("routing_margin")}
 
@@ -242,7 +238,7 @@ def run_seed(cfg: FitConfig, seed: int) -> dict:
         distilled = warm_start(warm, bank, tasks.conditions, steps=cfg.warm_start_steps, lr=cfg.warm_start_lr,
                                seed=seed)
         distill_s = time.perf_counter() - start
-        sps, _ = _train(warm, generator_loss(warm, tasks.conditions), batches, cfg, cfg.lr_generator, "warm")
+        sps, _ = _train(warm, generator_loss(tasks.conditions), batches, cfg, cfg.lr_generator, "warm")
         rows["generator_warm_start"] = {**scores(warm, tasks), "s_per_step": sps, "distill_seconds": distill_s,
                                         "distill_relative_error": distilled["relative_error"],
                                         **_generator_params(warm)}
