@@ -46,7 +46,8 @@ class EditSet:
         keep = slice(0, min(n, len(self)))
         examples = {"inputs": self.inputs[keep], "targets": self.targets[keep],
                     "instructions": self.instructions[keep], "edit_ids": self.edit_ids[keep],
-                    "second_ids": self.second_ids[keep]}
+                    "second_ids": self.second_ids[keep],
+                    "instances": None if self.instances is None else self.instances[keep]}
         return EditSet(examples, self.text_states[keep], self.text_mask[keep],
                        {c: {k: v[keep] for k, v in streams.items()} for c, streams in self.raw.items()})
 
