@@ -137,3 +137,35 @@ class LoRA:
             index = torch.cat(parts)
         return LoRA({k: (torch.cat([l.factors[k][0] for l in loras]), torch.cat([l.factors[k][1] for l in loras]))
                      for k in first.factors}, first.scale, index)
+
+
+def _per_sample(lora: LoRA) -> LoRA:
+    """One factor row per sample (rows gathered through the index, if any)."""
+    if lora.index is None:
+        return lora
+    return LoRA({k: (a[lora.index], b[lora.index]) for k, (a, b) in lora.factors.items()}, lora.scale)
+
+
+def update_gram(lora: LoRA, other: LoRA | None = None) -> Tensor:
+    """Inner products of the dense updates two LoRAs make, never forming them:
+    ``G[i, j] = sum over targets (and experts) of <s B_i A_i, s' B'_j A'_j>_F``, computed from r x r
+    products (``<B A, B' A'> = sum((B^T B') * (A A'^T))``).
+
+    Rows are samples (a LoRA with an index is read per sample); both LoRAs have the same targets;
+    ``other`` defaults to ``lora``. Distances follow: ``||U_i - U_j||^2 = G[i, i] + G[j, j] - 2 G[i, j]``, and PCA of the
+    updates is the eigendecomposition of the centred Gram (kernel PCA with a linear kernel).
+
+    Shape: (n, m) for n samples in ``lora`` and m in ``other``.
+    """
+    lora = _per_sample(lora)
+    other = lora if other is None else _per_sample(other)
+    if set(lora.factors) != set(other.factors):
+        raise ValueError(f"the LoRAs target different modules: {sorted(set(lora.factors) ^ set(other.factors))}")
+    gram = 0
+    for name, (a1, b1) in lora.factors.items():
+        a2, b2 = other.factors[name]
+        a1, b1, a2, b2 = (t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in (a1, b1, a2, b2))  # E = 1 if none
+        bb = torch.einsum("ieor,jeos->ijers", b1, b2)
+        aa = torch.einsum("ierk,jesk->ijers", a1, a2)
+        gram = gram + (bb * aa).sum((2, 3, 4))
+    return gram * (lora.scale * other.scale)

@@ -70,3 +70,15 @@ def test_one_seed_is_said():
     r = results()
     r["config"]["seeds"] = [0]
     assert "one seed" in findings(r)[0]
+
+
+def test_value_sentence_follows_the_spearman():
+    from funcmem.editing.benchmark.findings import manifold_sentence
+
+    r = results()
+    r["manifold"] = {"silhouette": 0.3, "value_spearman": {"per_edit": {"brighten": 0.9, "darken": 0.8}, "mean": 0.85}}
+    assert "follows the value" in manifold_sentence(r) and "2 of 2 at 0.7" in manifold_sentence(r)
+    r["manifold"]["value_spearman"] = {"per_edit": {"brighten": 0.1, "darken": 0.2}, "mean": 0.15}
+    assert "does not follow" in manifold_sentence(r)
+    r["manifold"]["value_spearman"] = {"per_edit": {}, "mean": None}
+    assert "value" not in manifold_sentence(r)

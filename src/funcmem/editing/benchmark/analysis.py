@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...lora import LoRA, update_gram
 from ..methods import mse_loss
 from ..metrics import psnr
 from ..ops import INVERSE_PAIRS
@@ -92,31 +93,87 @@ def routing(memory, data, condition: str) -> dict:
     return {k: torch.cat(v).mean().item() for k, v in out.items()}
 
 
+def generated_updates(memory, data, condition: str) -> LoRA:
+    """The generated LoRA of every sample of ``data`` (one factor row each)."""
+    return LoRA.cat([memory.lora(b) for b in data.chunks(condition)])
+
+
+def _centred(gram: torch.Tensor) -> torch.Tensor:
+    """H G H with H = I - 1/n: the Gram of the updates minus their mean."""
+    return gram - gram.mean(0, keepdim=True) - gram.mean(1, keepdim=True) + gram.mean()
+
+
+def _principal_components(gram: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of the updates from their Gram (kernel PCA, linear kernel): scores (n, q) on the first q
+    components and every component's variance (n,), largest first."""
+    values, vectors = torch.linalg.eigh(_centred(gram.double()))
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    return (vectors[:, :q] * values[:q].sqrt()).float(), values.float()
+
+
 @torch.no_grad()
 def manifold(memory, data, condition: str, edit_names: list[str]) -> tuple[dict, dict]:
-    """Each test instance's generated LoRA, flattened: PCA and t-SNE (for the plot), silhouette by
-    edit, and how far apart inverse edits' clusters lie compared with any two edits' clusters."""
+    """The generated weight updates ``s B A`` of every test instance, compared through their Gram
+    (never formed densely, ``funcmem.lora.update_gram``): silhouette by edit on update distances, PCA
+    and t-SNE (for the plot), and how far apart inverse edits' mean updates lie compared with any two
+    edits'."""
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
-    flat = torch.cat([memory.lora(b).flatten() for b in data.chunks(condition)]).float().cpu()
+    lora = generated_updates(memory, data, condition)
+    gram = update_gram(lora).double().cpu()
     labels = data.edit_ids.cpu().numpy()
-    centered = flat - flat.mean(0)
-    u, s, v = torch.pca_lowrank(centered, q=min(50, min(centered.shape) - 1), center=False)
-    pcs = (centered @ v).numpy()  # (n, q)
-    explained = (s[:2] ** 2).sum().item() / centered.pow(2).sum().item()
-    tsne = TSNE(n_components=2, perplexity=min(30, len(flat) // 4), init="pca", random_state=0).fit_transform(pcs)
-    centroids = torch.stack([flat[torch.from_numpy(labels == k)].mean(0) for k in range(len(edit_names))])
-    dist = torch.cdist(centroids, centroids)
-    pairs = inverse_pairs(edit_names)
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp(min=0).sqrt().fill_diagonal_(0)
+    pcs, variance = _principal_components(gram, min(50, len(gram) - 1))
+    tsne = TSNE(n_components=2, perplexity=min(30, len(gram) // 4), init="pca", random_state=0).fit_transform(pcs.numpy())
     k = len(edit_names)
-    result = {"silhouette": float(silhouette_score(flat.numpy(), labels)),
-              "silhouette_pca50": float(silhouette_score(pcs, labels)),
-              "pca_explained_2d": explained,
-              "inverse_pair_distance": statistics.mean(dist[i, j].item() for i, j in pairs),
-              "mean_pair_distance": dist[~torch.eye(k, dtype=torch.bool)].mean().item(),
-              "lora_numbers_per_instance": flat.shape[1]}
-    return result, {"pca": pcs[:, :2], "tsne": np.asarray(tsne), "labels": labels, "names": edit_names}
+    mean_of = torch.stack([torch.from_numpy(labels == e).double() for e in range(k)])
+    mean_of = mean_of / mean_of.sum(1, keepdim=True).clamp(min=1)  # (k, n): averages each edit's samples
+    centroid_gram = mean_of @ gram @ mean_of.T
+    csq = centroid_gram.diagonal()
+    centroid_dist = (csq[:, None] + csq[None, :] - 2 * centroid_gram).clamp(min=0).sqrt()
+    pairs = inverse_pairs(edit_names)
+    result = {"silhouette": float(silhouette_score(dist.numpy(), labels, metric="precomputed")),
+              "silhouette_pca50": float(silhouette_score(pcs.numpy(), labels)),
+              "pca_explained_2d": (variance[:2].sum() / variance.sum().clamp(min=1e-30)).item(),
+              "inverse_pair_distance": statistics.mean(centroid_dist[i, j].item() for i, j in pairs),
+              "mean_pair_distance": centroid_dist[~torch.eye(k, dtype=torch.bool)].mean().item(),
+              "lora_numbers_per_instance": lora.flatten().shape[1], "on": "updates"}
+    return result, {"pca": pcs[:, :2].numpy(), "tsne": np.asarray(tsne), "labels": labels, "names": edit_names}
+
+
+@torch.no_grad()
+def value_spearman(memory, sets: list, condition: str, min_samples: int = 8) -> dict:
+    """Does the generated update follow the value an instruction names? Per edit with numeric values
+    (single-edit samples of ``sets``, e.g. seen wording and held-out values): the Spearman
+    correlation between the value and the first principal component of that edit's generated
+    updates (its sign is arbitrary, so |rho|). Edits with fewer than ``min_samples`` samples or
+    fewer than 3 distinct values are left out.
+
+    Returns ``{"per_edit": {edit: |rho|}, "samples": {edit: n}, "mean": mean |rho| or None}``.
+    """
+    from scipy.stats import spearmanr
+
+    rows: dict[str, list] = {}
+    for data in sets:
+        if data.instances is None:
+            continue
+        lora = generated_updates(memory, data, condition)
+        for i, inst in enumerate(data.instances):
+            if len(inst.edits) == 1 and isinstance(inst.values[0], float):
+                rows.setdefault(inst.edits[0], []).append((inst.values[0], lora[i]))
+    per_edit, samples = {}, {}
+    for edit, items in rows.items():
+        values = [v for v, _ in items]
+        if len(items) < min_samples or len(set(values)) < 3:
+            continue
+        gram = update_gram(LoRA.cat([lo for _, lo in items])).cpu()
+        scores, _ = _principal_components(gram, 1)
+        rho = spearmanr(values, scores[:, 0].numpy()).statistic
+        per_edit[edit], samples[edit] = abs(float(rho)) if np.isfinite(rho) else 0.0, len(items)
+    return {"per_edit": per_edit, "samples": samples,
+            "mean": statistics.mean(per_edit.values()) if per_edit else None}
 
 
 def storage(memory, bank, shared) -> dict:

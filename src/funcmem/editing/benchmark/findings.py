@@ -147,8 +147,16 @@ def manifold_sentence(results: dict) -> str | None:
     if not m:
         return None
     s = m["silhouette"]
-    return (f"Generated LoRAs {'cluster' if s > 0.1 else '**cluster only weakly**' if s > 0 else '**do not cluster**'} "
+    text = (f"Generated updates {'cluster' if s > 0.1 else '**cluster only weakly**' if s > 0 else '**do not cluster**'} "
             f"by edit (silhouette {s:.2f}).")
+    vs = m.get("value_spearman") or {}
+    if vs.get("mean") is not None:
+        rho, n = vs["mean"], len(vs["per_edit"])
+        strong = sum(r >= 0.7 for r in vs["per_edit"].values())
+        text += (f" Within an edit, the first principal component of the updates "
+                 f"{'follows' if rho >= 0.7 else 'partly follows' if rho >= 0.4 else '**does not follow**'} the value the "
+                 f"instruction names (mean |Spearman| {rho:.2f} over {n} edits; {strong} of {n} at 0.7 or more).")
+    return text
 
 
 def findings(results: dict) -> list[str]:

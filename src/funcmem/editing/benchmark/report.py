@@ -205,14 +205,25 @@ def _analysis_section(results: dict) -> list[str]:
         "",
         "## Parameter manifold",
         "",
+        "On the generated weight updates s B A. "
         f"Silhouette by edit {mf['silhouette']:.3f} (on the first 50 principal components {mf['silhouette_pca50']:.3f}); "
         f"distance between inverse edits' centroids {mf['inverse_pair_distance']:.3g} vs {mf['mean_pair_distance']:.3g} "
         f"between any two edits' centroids; the first two components hold {100 * mf['pca_explained_2d']:.0f}% of the variance.",
         "",
         "![manifold](manifold.png)",
         "",
+        *_value_section(mf.get("value_spearman")),
         *_scaling_section(results["scaling"]),
     ]
+
+
+def _value_section(vs: dict | None) -> list[str]:
+    """|Spearman| between the value an instruction names and the first principal component of that
+    edit's generated updates (seen wording and held-out values)."""
+    if not vs or not vs["per_edit"]:
+        return []
+    return ["| edit | samples | abs. Spearman(value, PC1 of the updates) |", "|---|---|---|",
+            *[f"| {e} | {vs['samples'][e]} | {r:.2f} |" for e, r in vs["per_edit"].items()], ""]
 
 
 def _scaling_section(scaling: dict) -> list[str]:

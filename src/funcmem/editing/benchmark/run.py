@@ -232,6 +232,8 @@ def analyse(ctx: Context, first: dict[str, nn.Module]) -> tuple[dict, dict]:
            "instruction_probe": dict(zip(("held_out_phrasings", "seen_phrasings"),
                                          analysis.instruction_probe(ctx.text_encoder, ctx.train, held_out, seen)))}
     out["manifold"], points = analysis.manifold(memory, seen, cond, ctx.edit_names)
+    out["manifold"]["value_spearman"] = analysis.value_spearman(
+        memory, [seen, ctx.evals["held_out_values"]], cond)
     out["storage"] = analysis.storage(memory, bank, first["shared_lora"])
     return out, points
 
