@@ -128,8 +128,7 @@ def test_the_quick_run_has_two_seeds_and_leaves_out_the_matched_lora_and_the_lab
     assert len(quick.seeds) == 2 and len(full.seeds) == 3
     names = lambda cfg: sorted(m.name for m in methods_table(cfg))
     trained = ["functional_memory", "per_task_lora", "shared_lora"]
-    assert names(full) == sorted([*trained, "functional_memory[base-hidden]", "functional_memory[label]",
-                                  "shared_lora_matched"])
+    assert names(full) == sorted([*trained, "functional_memory[label]", "shared_lora_matched"])
     assert names(quick) == trained
     with_label = BenchmarkConfig.quick(conditions=["encoders", "label"])  # funcmem demo --condition encoders,label
     assert names(with_label) == sorted([*trained, "functional_memory[label]"])

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--condition", default=None, type=condition_list, metavar="NAME[,NAME...]",
                         help="the generator's conditions, the first the main one (rows functional_memory and "
                         f"functional_memory[NAME]); names: {', '.join(CONDITIONS)} (default: encoders; the full "
-                        "run: encoders,base-hidden,label)")
+                        "run: encoders,label)")
     parser.add_argument("--base-instruction", default="instruction", choices=list(BASE_INSTRUCTIONS),
                         help="neutral: the frozen base reads a fixed neutral instruction, so only the adapter carries "
                              "the instance (an ablation)")

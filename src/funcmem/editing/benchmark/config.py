@@ -22,7 +22,7 @@ class BenchmarkConfig:
     size: int = 32
     train_examples: int = 3072
     test_examples: int = 384  # per evaluation split (``tasks.EVAL_SPLITS``)
-    steps: int = 1200  # the full run: 3 seeds x 2 conditions in under an hour on 2 cores
+    steps: int = 1200
     batch: int = 16
     rank: int = 4
     alpha: float = 4.0
@@ -34,7 +34,9 @@ class BenchmarkConfig:
     generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
                                                                      dim_accumulation=4, basis=len(FAMILY)).to_dict())
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
-    conditions: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])
+    # the full run's rows: the condition from the instruction and photo, and the same generator told the
+    # edit (fit vs understanding); --condition encoders,base-hidden,label adds the editor's own tokens
+    conditions: list = field(default_factory=lambda: ["encoders", "label"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     warm_start: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])  # start from the bank
     warm_start_steps: int = 500
