@@ -82,3 +82,20 @@ def test_value_sentence_follows_the_spearman():
     assert "does not follow" in manifold_sentence(r)
     r["manifold"]["value_spearman"] = {"per_edit": {}, "mean": None}
     assert "value" not in manifold_sentence(r)
+
+
+def test_fit_sentence_only_with_the_label_row_and_follows_its_margin():
+    from funcmem.editing.benchmark.findings import fit_sentence
+
+    r = results()
+    assert fit_sentence(r) is None  # no label row: nothing said
+    for split in r["eval"]:
+        r["eval"][split]["functional_memory[label]"] = entry(25.05)
+    r["methods_train"] = {"per_task_lora": entry(27.0), "functional_memory[label]": entry(27.4)}
+    text = fit_sentence(r)
+    assert "training examples +0.40 dB" in text and "seen wording +0.05 dB (level with" in text
+    assert "Reading the condition does as well as being told the edit" in text  # the main row (26.0) is above here
+    assert "worth up to 1.00 dB" in fit_sentence({**r, "eval": {k: {**v, "functional_memory": entry(24.05)}
+                                                              for k, v in r["eval"].items()}})
+    r["eval"]["held_out_wording"]["functional_memory[label]"] = entry(24.0)
+    assert "held-out wording -1.00 dB (below" in fit_sentence(r)

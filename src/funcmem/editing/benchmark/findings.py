@@ -112,6 +112,34 @@ def goal_sentences(results: dict) -> list[str]:
     return out
 
 
+LABEL_ROW = "functional_memory[label]"
+
+
+def fit_sentence(results: dict) -> str | None:
+    """The generator told the edit (``functional_memory[label]``) against the bank told the edit, on
+    training examples (fit) and on each split: can one generator fit as the bank does, and how much of
+    the gap to the main row is understanding the condition rather than fitting?"""
+    parts = []
+    train = results.get("methods_train", {})
+    if LABEL_ROW in train and "per_task_lora" in train:
+        parts.append(f"training examples {train[LABEL_ROW]['psnr'] - train['per_task_lora']['psnr']:+.2f} dB")
+    for split in results["eval"]:
+        if (c := compare(results, split, LABEL_ROW, "per_task_lora")) is not None:
+            parts.append(f"{SPLIT_LABELS.get(split, split)} {c[0]:+.2f} dB ({verdict(*c)}, noise {c[1]:.2f})")
+    if not parts:
+        return None
+    text = "Told the edit, the generator against the bank told the edit: " + "; ".join(parts) + "."
+    gaps = {s: c[0] for s in results["eval"] if (c := compare(results, s, LABEL_ROW, "functional_memory")) is not None}
+    if gaps:
+        worst = max(gaps, key=gaps.get)
+        where = SPLIT_LABELS.get(worst, worst)
+        text += (f" Being told the edit is worth up to {gaps[worst]:.2f} dB over reading the condition ({where}): what the "
+                 "condition does not let the generator know." if gaps[worst] > MIN_MARGIN else
+                 " Reading the condition does as well as being told the edit on every split "
+                 f"(largest gap {gaps[worst]:+.2f} dB).")
+    return text
+
+
 def probe_sentence(results: dict) -> str | None:
     probe = results.get("instruction_probe")
     if not probe:
@@ -165,5 +193,6 @@ def findings(results: dict) -> list[str]:
     out += [s for split in results["eval"] if (s := split_sentence(results, split))]
     out += [s for split in results["eval"] if (s := wins_sentence(results, split))]
     out += goal_sentences(results)
-    out += [s for s in (probe_sentence(results), conflict_sentence(results), manifold_sentence(results)) if s]
+    more = (fit_sentence(results), probe_sentence(results), conflict_sentence(results), manifold_sentence(results))
+    out += [s for s in more if s]
     return out
