@@ -88,12 +88,13 @@ def test_results_json_has_every_key(tiny_run):
     # no test photo is a train photo
     assert not set(r["splits"]["train_photos"]) & set(r["splits"]["test_photos"])
     assert r["splits"]["test_examples"] == {s: cfg.test_examples for s in EVAL_SPLITS}
-    for name in ("report.md", "edits.png", "conflict.png", "manifold.png", "scaling.png", "manifest.json"):
+    for name in ("report.md", "edits.png", "full_photos.png", "conflict.png", "manifold.png", "scaling.png", "manifest.json"):
         assert (out / name).is_file(), name
     for name in (*REQUIRED_FILES, "per_task_lora/keys.safetensors", "shared_lora_matched/config.json"):
         assert (out / name).is_file(), name  # the run directory
     report = (out / "report.md").read_text()
     assert "## Findings" in report and "held-out compositions" in report and "lora_sum" in report
+    assert f"The test photo `{r['splits']['test_photos'][0]}`" in report and "![full photos](full_photos.png)" in report
 
 
 @pytest.mark.slow

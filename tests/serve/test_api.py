@@ -42,7 +42,7 @@ def test_edit_returns_a_png_of_the_input_size_and_a_manifold_point(client):
     assert Image.open(io.BytesIO(r.content)).size == (70, 45)
     x, y = map(float, r.headers["X-Manifold-Point"].split(","))
     assert all(map(lambda v: v == v and abs(v) < 1e6, (x, y)))
-    assert int(r.headers["X-Tiles"]) == 6  # 45x70 at the 32 px scale: 2 x 3 tiles
+    assert int(r.headers["X-Tiles"]) == 8  # 45x70 at the 32 px scale: 2 x 4 tiles, one every 16 px
 
 
 def test_a_repeated_request_hits_the_lora_cache_and_gives_the_same_bytes(client):
@@ -69,7 +69,8 @@ def test_lora_endpoint_returns_one_adapter_per_tile(client):
     assert r.headers["content-type"] == "application/zip"
     archive = zipfile.ZipFile(io.BytesIO(r.content))
     manifest = json.loads(archive.read("manifest.json"))
-    assert manifest["grid"] == [2, 3] and len(manifest["tiles"]) == 6 == int(r.headers["X-Tiles"])
+    assert manifest["grid"] == [2, 4] and len(manifest["tiles"]) == 8 == int(r.headers["X-Tiles"])  # 45 x 70: every 16 px
+    assert manifest["tile_size"] == 32 and manifest["stride"] == 16
     names = set(archive.namelist())
     for tile in manifest["tiles"]:
         files = {n.split("/", 1)[1] for n in names if n.startswith(tile["dir"] + "/")}

@@ -11,7 +11,7 @@ from .conftest import png_bytes
 
 INSTRUCTIONS = ["blur the image", "make it brighter", "add film grain", "cooler tones please",
                 "sharpen the details", "make it look old"]
-SIZES = [(70, 45), (32, 32), (48, 64), (40, 33), (64, 64), (33, 90)]  # 1 to 6 tiles: batches cross chunk edges
+SIZES = [(70, 45), (32, 32), (48, 64), (40, 33), (64, 64), (33, 90)]  # 1 to 10 tiles: batches cross chunk edges
 
 
 async def _send_all(app, concurrent: bool) -> list[httpx.Response]:

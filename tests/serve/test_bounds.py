@@ -37,13 +37,13 @@ def no_decoding(monkeypatch):
 
 
 def test_an_elongated_image_is_refused_before_decoding_with_the_tile_limit(client, no_decoding):
-    r = post(client, image=flat_png(2000, 20))  # side ratio 100: 100 tiles even with its short side at 32 px
-    assert_error(r, 413, f"it needs 100 tiles of 32 px even at the smallest scale; the limit is {LIMITS['max_tiles']} "
-                         "tiles", "image")
+    r = post(client, image=flat_png(2000, 20))  # side ratio 100: 199 half-overlapping tiles with its short side at 32 px
+    assert_error(r, 413, f"it needs 199 tiles of 32 px every 16 px even at the smallest scale; the limit is "
+                         f"{LIMITS['max_tiles']} tiles", "image")
 
 
 def test_a_large_image_is_edited_at_a_coarser_scale_within_the_limit(client):
-    r = post(client, image=png_bytes(400, 130, seed=30))  # 32 tiles at the usual scale (4 x 8 at 128 px)
+    r = post(client, image=png_bytes(400, 130, seed=30))  # 7 x 24 tiles at the usual scale (128 x 394 px)
     assert r.status_code == 200, r.text
     assert int(r.headers["X-Tiles"]) <= LIMITS["max_tiles"]
     assert Image.open(io.BytesIO(r.content)).size == (400, 130)
@@ -101,7 +101,7 @@ def test_a_timed_out_request_stops_its_work_between_chunks(client, service, monk
     monkeypatch.setattr(service.engine, "generate", slow_generate)
     monkeypatch.setattr(service.engine, "edit", lambda *a: calls.__setitem__("edit", calls["edit"] + 1))
     monkeypatch.setattr(service.config, "timeout_s", 0.6)
-    r = post(client, image=png_bytes(250, 128, seed=32))  # 16 tiles: 4 chunks of 4
+    r = post(client, image=png_bytes(250, 128, seed=32))  # 15 tiles (3 x 5 at 49 x 96 px): 4 chunks of 4
     assert_error(r, 504, "not answered within 0.6 s")
     deadline = time.monotonic() + 10
     while service.admission.requests or service.batcher.qsize():

@@ -72,7 +72,7 @@ def test_web_page_edits_an_uploaded_photo_in_a_real_browser(live_server, tmp_pat
     executable = _chromium()
     if executable is None:
         pytest.skip("no Chromium on this machine (install it with `apt-get install -y chromium`; .ci/run does)")
-    photo = tmp_path / "chelsea.jpg"  # a real photo (scikit-image's cat), made small: 2 x 3 tiles
+    photo = tmp_path / "chelsea.jpg"  # a real photo (scikit-image's cat), made small: 3 x 5 tiles
     image = load_photos(["chelsea"])[0].image  # (3, 300, 451)
     array = (image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     Image.fromarray(array).resize((96, 64), Image.LANCZOS).save(photo, quality=92)

@@ -12,7 +12,8 @@
     methods.py     the compared methods, each with ``predict(batch)``
     metrics.py     PSNR / SSIM
     rundir.py      the run directory every command saves and loads
-    apply.py       ``funcmem edit``: one image of any size, in bounded work (tile limit, chunks, strips)
+    apply.py       ``funcmem edit``: one image of any size, in bounded work (tile limit, chunks, strips),
+                   overlapping tiles cross-faded (no seams)
     benchmark/     ``funcmem demo`` / ``funcmem eval``: every method, analyses, report
     continual/     ``funcmem continual``: edits taught in stages, forgetting, removal
 """

@@ -1,22 +1,28 @@
 """Editing one image of any size with a trained run (``funcmem edit``; the service uses the same steps).
 
 The editor works on fixed-size tiles at the training scale, so the image is brought to that
-scale (``tile_grid``), cut into tiles (reflect-padded), and every tile gets its own generated
-LoRA from its own condition, as a training crop did. The edit (edited minus unedited, at the
-training scale) is resized back to the input's size and added to the original (``blend``), so
-the output has the input's size and keeps its detail where the edit leaves it alone.
+scale (``tile_grid``) and cut into tiles of side S that overlap by half (stride S/2; the last
+row and column reflect-padded), and every tile gets its own generated LoRA from its own
+condition, as a training crop did. Each tile's edit (edited minus unedited) is weighted by a
+smooth window that falls to ~0 at the tile's edges, normalised so the weights of the tiles
+covering any pixel sum to 1 (``blend_weights``), and summed into one edit of the scaled image
+(``stitch``): neighbouring tiles' LoRAs differ, but the edit fades from one to the next instead of
+jumping at a tile border (``seam_score`` measures it). That edit is resized back to the input's
+size and added to the original (``blend``), so the output has the input's size and keeps its
+detail wherever the edit is zero.
 
 Work is bounded by the input, whatever its size:
 
-- at most ``max_tiles`` tiles per image: a large or wide image is edited at a coarser scale
-  (its long side shrunk until its tiles fit), and an image too elongated to fit even at the
-  smallest scale (short side = one tile) is refused with ``TooManyTiles``, which names the limit;
+- at most ``max_tiles`` tiles per image, overlapping ones counted: a large or wide image is
+  edited at a coarser scale (its long side shrunk until its tiles fit), and an image too
+  elongated to fit even at the smallest scale (short side = one tile) is refused with
+  ``TooManyTiles``, which names the limit;
 - the models see ``chunk`` tiles at a time, so their memory does not grow with the image;
 - the full-resolution image stays uint8 (H, W, 3) and the edit is added to it in strips of rows,
   so memory beyond the input and output arrays is a few MB, not a float copy of every pixel.
 
 Shapes: images are (H, W, 3), uint8 or float in [0, 1] (the output has the input's dtype); tiles
-are (n, 3, S, S) float.
+are (n, 3, S, S) float; the edit at the training scale is (3, h, w).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -74,55 +81,134 @@ def write_image(image: Tensor | np.ndarray, path: str | Path) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt))
 
 
-def tile_grid(height: int, width: int, size: int, max_tiles: int = MAX_TILES) -> tuple[int, int, int, int]:
-    """The tiling of an image of ``height`` x ``width``: (gh, gw, h, w), gh * gw tiles of ``size``
-    covering the image scaled to h x w.
+class Grid(NamedTuple):
+    """Where an image's tiles lie: ``rows`` x ``cols`` tiles of side ``size``, one every ``stride`` px,
+    covering the image scaled to ``h`` x ``w`` (the last row and column padded past it)."""
+
+    rows: int
+    cols: int
+    h: int
+    w: int
+    size: int
+    stride: int
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        """The side lengths the tiles cover: (size + (rows - 1) * stride, size + (cols - 1) * stride)."""
+        return self.size + (self.rows - 1) * self.stride, self.size + (self.cols - 1) * self.stride
+
+
+def tiles_along(length: int, size: int, stride: int) -> int:
+    """How many tiles of ``size`` every ``stride`` px cover ``length`` px (at least one)."""
+    return 1 + max(0, -(-(length - size) // stride))
+
+
+def default_stride(size: int) -> int:
+    """Half a tile (rounded down, at least 1): every pixel away from the border lies in two tiles a side."""
+    return max(1, size // 2)
+
+
+def tile_grid(height: int, width: int, size: int, max_tiles: int = MAX_TILES, stride: int | None = None) -> Grid:
+    """The tiling of an image of ``height`` x ``width``: a ``Grid`` of tiles of ``size`` every
+    ``stride`` px (default half a tile; ``stride=size``: tiles side by side) covering it scaled to h x w.
 
     The scale is ``data.fit_scale``'s (short side brought into [size, 4 * size]) unless that
     needs more than ``max_tiles`` tiles; then the short side shrinks until they fit.
 
     Raises:
         TooManyTiles: even with its short side at ``size`` the image needs more than ``max_tiles``.
+        ValueError: a stride outside [1, size].
     """
+    stride = default_stride(size) if stride is None else stride
+    if not 1 <= stride <= size:
+        raise ValueError(f"the tile stride must be in [1, {size}] (the tile size), got {stride}")
     short = min(height, width)
     target = min(max(short, size), MAX_SCALE * size)
     for t in [target, *range(math.ceil(target) - 1, size - 1, -1)]:
         h, w = (height, width) if t == short else (max(size, round(d * t / short)) for d in (height, width))
-        gh, gw = -(-h // size), -(-w // size)
-        if gh * gw <= max_tiles:
-            return gh, gw, h, w
+        grid = Grid(tiles_along(h, size, stride), tiles_along(w, size, stride), h, w, size, stride)
+        if grid.rows * grid.cols <= max_tiles:
+            return grid
     ratio = max(height, width) / short
-    raise TooManyTiles(f"the image is {width}x{height} (side ratio {ratio:.0f}:1): it needs {gh * gw} tiles "
-                       f"of {size} px even at the smallest scale; the limit is {max_tiles} tiles (crop it to a side "
-                       f"ratio of at most {max_tiles}:1)")
+    fits = 1 + (max_tiles - 1) * stride / size  # the longest side ratio whose one row of tiles fits
+    raise TooManyTiles(f"the image is {width}x{height} (side ratio {ratio:.0f}:1): it needs {grid.rows * grid.cols} "
+                       f"tiles of {size} px every {stride} px even at the smallest scale; the limit is {max_tiles} "
+                       f"tiles (crop it to a side ratio of at most {math.floor(fits)}:1)")
 
 
-def to_tiles(image: Tensor | np.ndarray, size: int, max_tiles: int = MAX_TILES) -> tuple[Tensor, tuple]:
-    """Cut an image into the editor's tiles at the training scale (``tile_grid``, reflect-padded).
+def to_tiles(image: Tensor | np.ndarray, size: int, max_tiles: int = MAX_TILES,
+             stride: int | None = None) -> tuple[Tensor, Grid]:
+    """Cut an image into the editor's tiles at the training scale (``tile_grid``; padded by reflection).
 
     Shape:
-        image (H, W, 3) uint8 or float -> tiles (gh * gw, 3, size, size) float, row-major, and
-        ``grid`` (gh, gw, h, w): the tile grid and the scaled image's size before padding.
+        image (H, W, 3) uint8 or float -> tiles (rows * cols, 3, size, size) float, row-major, and
+        their ``Grid``.
     """
     image = torch.as_tensor(image)
-    gh, gw, h, w = tile_grid(*image.shape[:2], size, max_tiles)
+    grid = tile_grid(*image.shape[:2], size, max_tiles, stride)
+    h, w = grid.h, grid.w
     x = image.permute(2, 0, 1)[None]  # (1, 3, H, W), a channels-last view: uint8 resizes without a float copy
     if (h, w) != tuple(image.shape[:2]):
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     scaled = x[0].float() / 255 if image.dtype == torch.uint8 else x[0].float().clamp(0, 1)  # (3, h, w)
-    ph, pw = gh * size - h, gw * size - w
+    ph, pw = grid.padded[0] - h, grid.padded[1] - w
     padded = F.pad(scaled[None], (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")[0]
-    tiles = padded.unfold(1, size, size).unfold(2, size, size)  # (3, gh, gw, size, size)
-    return tiles.permute(1, 2, 0, 3, 4).reshape(gh * gw, 3, size, size).contiguous(), (gh, gw, h, w)
+    tiles = padded.unfold(1, size, grid.stride).unfold(2, size, grid.stride)  # (3, rows, cols, size, size)
+    return tiles.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size).contiguous(), grid
 
 
-def stitch(edited: Tensor, tiles: Tensor, grid: tuple) -> Tensor:
-    """The edit of each tile (edited minus input tile) laid out as one image: (3, h, w) at the
-    training scale, from edited and tiles (gh * gw, 3, size, size)."""
-    gh, gw, h, w = grid
-    size = tiles.shape[-1]
-    delta = (edited.clamp(0, 1) - tiles).view(gh, gw, 3, size, size)
-    return delta.permute(2, 0, 3, 1, 4).reshape(3, gh * size, gw * size)[:, :h, :w]
+def window(size: int) -> Tensor:
+    """(size,) sin^2(pi (i + 1/2) / size): near 0 at both ends, 1 in the middle, and two copies half a
+    tile apart sum to 1 (sin^2 + cos^2), so half-overlapping tiles cross-fade."""
+    return torch.sin(math.pi * (torch.arange(size, dtype=torch.float32) + 0.5) / size) ** 2
+
+
+def _fold(columns: Tensor, grid: Grid) -> Tensor:
+    """Sum tiles (n, c, S, S) into their places: (c, *grid.padded), overlaps added."""
+    n, c, size, _ = columns.shape
+    flat = columns.reshape(n, c * size * size).T[None]  # (1, c * S * S, n), the layout F.fold reads
+    return F.fold(flat, grid.padded, kernel_size=size, stride=grid.stride)[0]
+
+
+def blend_weights(grid: Grid) -> Tensor:
+    """Each tile's per-pixel weight, (rows * cols, 1, S, S): the separable ``window`` divided by the
+    sum of the windows of every tile covering that pixel, so the weights at any pixel sum to 1
+    (near the image's border, where one tile covers a pixel, its weight is 1)."""
+    win = window(grid.size)
+    win2 = (win[:, None] * win[None, :]).expand(grid.rows * grid.cols, 1, grid.size, grid.size)
+    total = _fold(win2, grid)  # (1, *padded), > 0 everywhere
+    cover = total.unfold(1, grid.size, grid.stride).unfold(2, grid.size, grid.stride)  # (1, rows, cols, S, S)
+    return win2 / cover.reshape(grid.rows * grid.cols, 1, grid.size, grid.size)
+
+
+def stitch(edited: Tensor, tiles: Tensor, grid: Grid) -> Tensor:
+    """The tiles' edits (edited minus input tile) cross-faded into one edit of the scaled image:
+    (3, h, w), from edited and tiles (rows * cols, 3, S, S) (``blend_weights``)."""
+    delta = (edited.clamp(0, 1) - tiles) * blend_weights(grid)
+    return _fold(delta, grid)[:, :grid.h, :grid.w]
+
+
+def seam_score(delta: Tensor, period: int, within: int = 1) -> float:
+    """How much an edit (3, h, w) jumps at tile borders: the mean absolute step between neighbouring
+    pixels across the lines every ``period`` px (rows and columns), divided by the mean absolute step
+    across the other lines every ``within`` px (1: every other step; the editor's patch size: the
+    other patch borders, since a patch editor's output has its own small steps there).
+
+    1.0: the tile borders look like the rest; tiles whose edits disagree score far above. NaN when
+    there is no border or no other line (a side shorter than ``period`` + 1 px).
+    """
+    border, other = [], []
+    for dim in (1, 2):  # steps across rows, across columns
+        step = delta.diff(dim=dim).abs()
+        line = torch.arange(1, step.shape[dim] + 1)  # the step from pixel line - 1 to line
+        at, ref = line % period == 0, (line % within == 0) & (line % period != 0)
+        shape = (-1, 1) if dim == 1 else (1, -1)
+        border.append(step[:, at.view(shape).expand(step.shape[1:])].flatten())
+        other.append(step[:, ref.view(shape).expand(step.shape[1:])].flatten())
+    border, other = torch.cat(border), torch.cat(other)
+    if border.numel() == 0 or other.numel() == 0:
+        return float("nan")
+    return float(border.mean() / other.mean().clamp(min=1e-12))
 
 
 def blend(image: Tensor | np.ndarray, delta: Tensor) -> Tensor:
@@ -148,7 +234,7 @@ def blend(image: Tensor | np.ndarray, delta: Tensor) -> Tensor:
     return out
 
 
-def from_tiles(edited: Tensor, tiles: Tensor, grid: tuple, image: Tensor | np.ndarray) -> Tensor:
+def from_tiles(edited: Tensor, tiles: Tensor, grid: Grid, image: Tensor | np.ndarray) -> Tensor:
     """The edited tiles' change added to the full-size image: (H, W, 3) of the image's dtype."""
     return blend(image, stitch(edited, tiles, grid))
 
@@ -167,24 +253,33 @@ def predict(run: Run, method: str, tiles: Tensor, instruction: str, chunk: int =
 
 
 @torch.no_grad()
+def edit_parts(run: Run, image: Tensor | np.ndarray, instruction: str, method: str = "functional_memory",
+               max_tiles: int = MAX_TILES, chunk: int = CHUNK, stride: int | None = None) -> tuple[Tensor, Tensor, Grid]:
+    """``edit_array``'s output and how it was made: (output (H, W, 3) of the image's dtype, the edit
+    at the training scale (3, h, w) that was added to the image, the tiles' ``Grid``)."""
+    if method not in run.methods:
+        raise ValueError(f"the run has no method {method!r}; it has {sorted(run.methods)}")
+    instruction = clean_instruction(instruction)  # empty / too long refused, control characters removed
+    tiles, grid = to_tiles(image, run.size, max_tiles, stride)
+    delta = stitch(predict(run, method, tiles, instruction, chunk), tiles, grid)
+    return blend(image, delta), delta, grid
+
+
 def edit_array(run: Run, image: Tensor | np.ndarray, instruction: str, method: str = "functional_memory",
-               max_tiles: int = MAX_TILES, chunk: int = CHUNK) -> Tensor:
-    """Edit an (H, W, 3) image (uint8, or float in [0, 1]) as told -> (H, W, 3) of its dtype.
+               max_tiles: int = MAX_TILES, chunk: int = CHUNK, stride: int | None = None) -> Tensor:
+    """Edit an (H, W, 3) image (uint8, or float in [0, 1]) as told -> (H, W, 3) of its dtype
+    (``stride``: the tiles' step, default half a tile; ``tile_grid``).
 
     Raises:
         ValueError: an unknown method, an empty or too long instruction; ``TooManyTiles``.
     """
-    if method not in run.methods:
-        raise ValueError(f"the run has no method {method!r}; it has {sorted(run.methods)}")
-    instruction = clean_instruction(instruction)  # empty / too long refused, control characters removed
-    tiles, grid = to_tiles(image, run.size, max_tiles)
-    return from_tiles(predict(run, method, tiles, instruction, chunk), tiles, grid, image)
+    return edit_parts(run, image, instruction, method, max_tiles, chunk, stride)[0]
 
 
 def edit_image(run: Run, image: Tensor, instruction: str, method: str = "functional_memory",
-               max_tiles: int = MAX_TILES, chunk: int = CHUNK) -> Tensor:
+               max_tiles: int = MAX_TILES, chunk: int = CHUNK, stride: int | None = None) -> Tensor:
     """Edit a (3, H, W) float image in [0, 1] with a run from ``rundir.load_run`` -> (3, H, W)."""
-    return edit_array(run, image.permute(1, 2, 0), instruction, method, max_tiles, chunk).permute(2, 0, 1)
+    return edit_array(run, image.permute(1, 2, 0), instruction, method, max_tiles, chunk, stride).permute(2, 0, 1)
 
 
 def tile_size(run: str | Path) -> int:

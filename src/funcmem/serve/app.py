@@ -274,7 +274,7 @@ def _add_edit_routes(app: FastAPI, service: Service) -> None:
             with service.admit() as ticket:
                 job = await service.compute(await service.parse(form, ticket, want_output=False))
                 data = await service.in_pool(0, lora_archive, service.engine.memory.fm, job.lora, job.grid[:2],
-                                             service.engine.size, job.instruction, job.deadline)
+                                             service.engine.size, job.instruction, job.deadline, job.grid.stride)
         except TimeoutError:
             raise ApiError(504, f"the archive was not ready within {service.config.timeout_s:g} s") from None
         finally:

@@ -17,11 +17,11 @@ engine therefore runs every model in fixed-size *chunks* of ``chunk`` tiles, pad
 whatever else was batched with it, and a response is bit for bit the same under any load. Text
 features are computed one instruction at a time for the same reason (they are cached per string).
 
-Bounded work: a request has at most ``max_tiles`` tiles (``editing.apply.tile_grid``), and the
-batch is walked ``chunk`` tiles at a time; before each chunk, the tiles of requests whose deadline
-has passed (their caller already got a 504) are dropped, so a timed-out request stops costing
-compute within one chunk. The full-size image waits as uint8 and is edited in strips
-(``editing.apply.blend``).
+Bounded work: a request has at most ``max_tiles`` tiles (``editing.apply.tile_grid``; they overlap
+by half, and ``finish`` cross-fades their edits), and the batch is walked ``chunk`` tiles at a
+time; before each chunk, the tiles of requests whose deadline has passed (their caller already got
+a 504) are dropped, so a timed-out request stops costing compute within one chunk. The full-size
+image waits as uint8 and is edited in strips (``editing.apply.blend``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..editing.apply import MAX_TILES, from_tiles, to_tiles
+from ..editing.apply import MAX_TILES, Grid, from_tiles, to_tiles
 from ..editing.rundir import load_run, weight_files
 from ..lora import LoRA
 from ..mount import lora_path
@@ -66,7 +66,7 @@ class Job:
     instruction: str
     strength: float = 1.0
     tiles: Tensor | None = None
-    grid: tuple[int, int, int, int] | None = None
+    grid: Grid | None = None
     key: str | None = None
     want_output: bool = True
     deadline: float = math.inf
@@ -225,7 +225,7 @@ class EditEngine:
 
     @staticmethod
     def finish(job: Job) -> Tensor:
-        """A computed job's output: its tiles' edit added to the full-size image, (H, W, 3) uint8."""
+        """A computed job's output: its tiles' edits, cross-faded, added to the full-size image, (H, W, 3) uint8."""
         return from_tiles(job.edited, job.tiles, job.grid, job.image)
 
 

@@ -1,10 +1,13 @@
 """A request's generated LoRA as a zip archive (``POST /v1/lora``), built in memory.
 
 An image is edited tile by tile and every tile gets its own generated LoRA, so the archive holds
-one adapter per tile, row-major over the tile grid:
+one adapter per tile, row-major over the tile grid (tile (row, col) covers the image at the training
+scale from (row * stride, col * stride), ``tile_size`` px a side; tiles overlap when stride < tile_size,
+see ``funcmem.editing.apply``):
 
-    manifest.json                     {"format": "peft", "grid": [rows, cols], "tile_size", "instruction",
-                                       "tiles": [{"dir", "row", "col"}], "scale", "rank", "targets"}
+    manifest.json                     {"format": "peft", "grid": [rows, cols], "tile_size", "stride",
+                                       "instruction", "tiles": [{"dir", "row", "col"}], "scale", "rank",
+                                       "targets"}
     tile_000/adapter_config.json      a PEFT LoRA adapter (``funcmem.peft_io.adapter_weights``)
     tile_000/adapter_model.safetensors
     ...
@@ -29,15 +32,17 @@ from ..peft_io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, adapter_config, adapter
 
 
 def lora_archive(fm, lora: LoRA, grid: tuple[int, int], tile_size: int, instruction: str,
-                 deadline: float = math.inf) -> bytes:
-    """The zip archive's bytes for ``lora`` (one row per tile of a ``grid`` = (rows, cols)).
+                 deadline: float = math.inf, stride: int | None = None) -> bytes:
+    """The zip archive's bytes for ``lora`` (one row per tile of a ``grid`` = (rows, cols), one tile
+    every ``stride`` px: default ``tile_size``, tiles side by side).
 
     Raises:
         TimeoutError: ``time.monotonic()`` passed ``deadline`` before the archive was complete.
     """
     rows, cols = grid
     tiles = [{"dir": f"tile_{i:03d}", "row": i // cols, "col": i % cols} for i in range(lora.batch_size)]
-    manifest = {"format": "peft", "grid": [rows, cols], "tile_size": tile_size, "instruction": instruction,
+    manifest = {"format": "peft", "grid": [rows, cols], "tile_size": tile_size,
+                "stride": tile_size if stride is None else stride, "instruction": instruction,
                 "tiles": tiles, "scale": lora.scale, "rank": fm.rank, "targets": sorted(lora.factors)}
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

@@ -8,6 +8,7 @@
     analysis.py   routing, gradient conflict, manifold, probes, latency, the samples of edits.png
     findings.py   the report's sentences, computed from the numbers (margins against the seeds' spread)
     report.py     pictures and report.md
+    full_photos.py  full_photos.png: one whole test photo before / after every edit (``funcmem edit``'s path)
     cli.py        ``funcmem demo`` and the flags it shares with ``funcmem continual``
 """
 

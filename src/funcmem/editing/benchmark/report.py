@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .findings import SPLIT_LABELS, findings
+from .full_photos import write_full_photos
 
 METHOD_LABELS = {"identity": "identity (input unchanged)", "base": "base editor", "shared_lora": "shared LoRA",
                  "shared_lora_matched": "shared LoRA (matched)", "per_task_lora": "per-task LoRA (told the edit)",
@@ -134,14 +135,15 @@ def per_edit_table(results: dict, split: str) -> str:
 
 
 def write_report(out: Path, results: dict, figures: dict) -> None:
-    """The pictures and ``report.md`` of a run (``figures``: the run's ``figures.pt``)."""
+    """The pictures and ``report.md`` of a run saved in ``out`` (``figures``: the run's ``figures.pt``)."""
     out = Path(out)
     edits_png(figures["samples"], out / "edits.png")
     conflict_png(results["gradient_conflict"], results["tasks"], out / "conflict.png")
     manifold_png(figures["manifold"], results["manifold"]["silhouette"], out / "manifold.png")
     if any(results["scaling"].values()):
         scaling_png(results["scaling"], results["eval"]["seen_wording"], out / "scaling.png")
-    lines = _results_section(results) + _analysis_section(results) + _cost_section(results)
+    lines = [*_results_section(results), *write_full_photos(out, results), *_analysis_section(results),
+             *_cost_section(results)]
     (out / "report.md").write_text("\n".join(lines))
 
 
