@@ -164,3 +164,26 @@ def test_load_or_train_trains_once_then_loads(tmp_path, monkeypatch, text_encode
 def test_unknown_config_fields_are_named():
     with pytest.raises(ValueError, match=r"unknown EditorConfig fields \['colour'\]"):
         EditorConfig.from_dict({"width": 32, "colour": 1})
+
+
+def test_pretraining_finds_every_instruction_prefetched():
+    """The training loop's instructions were all encoded ahead, in chunks (the probe replays its draws)."""
+
+    class Recording:
+        def __init__(self):
+            self.cache, self.calls = {}, []
+
+        def encode(self, texts, max_tokens):
+            new = [t for t in texts if t not in self.cache]
+            self.calls.append((len(texts), len(new)))
+            for t in new:
+                self.cache[t] = torch.randn(max_tokens, TINY.text_dim) * 0.01
+            return torch.stack([self.cache[t] for t in texts]), torch.ones(len(texts), max_tokens, dtype=torch.bool)
+
+    encoder = Recording()
+    crops = torch.rand(32, 3, TINY.image_size, TINY.image_size)
+    pretrain.pretrain_editor(crops, TINY, steps=pretrain.PREFETCH_STEPS + 20, batch=8, text_encoder=encoder,
+                             progress=False)
+    training = [c for c in encoder.calls if c[0] == 8]  # the loop's per-batch calls
+    assert len(training) == pretrain.PREFETCH_STEPS + 20 and all(new == 0 for _, new in training)
+    assert sum(new for _, new in encoder.calls) == len(encoder.cache) > 8 * 20  # every text encoded once, ahead
