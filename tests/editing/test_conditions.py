@@ -193,3 +193,23 @@ def test_editing_memory_masks_padded_instruction_tokens():
         c = memory.lora({"raw": long}).flatten()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert (a - c).abs().max() > 1e-4
+
+
+def test_texts_encoded_in_length_chunks_match_one_at_a_time(text_encoder):
+    """``encode`` / ``embed`` run new texts in chunks of similar length: the same states as encoding
+    each text alone (padding is masked out), and every text lands in exactly one chunk."""
+    from funcmem.editing.conditions import TEXT_CHUNK, _by_length
+
+    texts = [f"make it {'much ' * (i % 7)}brighter, picture {i}" for i in range(TEXT_CHUNK + 9)]
+    chunks = _by_length(texts)
+    assert sorted(t for c in chunks for t in c) == sorted(texts) and max(map(len, chunks)) == TEXT_CHUNK
+    assert all(len(a) <= len(b) for c, d in zip(chunks, chunks[1:]) for a, b in [(c[-1], d[0])])
+    fresh = type(text_encoder)()  # an empty cache
+    states, mask = fresh.encode(texts, 16)
+    embeds = fresh.embed(texts)
+    for i in (0, 5, len(texts) - 1):
+        alone = type(text_encoder)()
+        s, m = alone.encode([texts[i]], 16)
+        assert torch.equal(m[0], mask[i])
+        torch.testing.assert_close(s[0], states[i], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(alone.embed([texts[i]])[0], embeds[i], atol=2e-5, rtol=1e-4)

@@ -216,14 +216,12 @@ PREFETCH_STEPS = 100  # the next steps' instructions are encoded together (sorte
 
 
 def _prefetch_texts(text_encoder, n_crops: int, batch: int, names: list[str], probe: torch.Generator, steps: int,
-                    max_tokens: int, chunk: int = 64) -> None:
+                    max_tokens: int) -> None:
     """Encode the instructions of the next ``steps`` batches ahead (``probe`` replays the training
-    generator's draws), in chunks of similar length, so the training loop finds them in the encoder's
-    cache; padding a few long texts into every small batch cost a quarter of pretraining."""
-    texts = sorted({t for _ in range(steps) for t in _draw(n_crops, batch, names, probe)[3]})
-    texts.sort(key=len)  # characters track tokens closely enough to group similar lengths
-    for i in range(0, len(texts), chunk):
-        text_encoder.encode(texts[i:i + chunk], max_tokens)
+    generator's draws) in one call, which ``TextEncoder`` runs in chunks of similar length, so the
+    training loop finds them in the encoder's cache; encoding each batch's few new texts with their
+    padding cost a quarter of pretraining."""
+    text_encoder.encode(sorted({t for _ in range(steps) for t in _draw(n_crops, batch, names, probe)[3]}), max_tokens)
 
 
 def pretrain_editor(crops: Tensor, config: EditorConfig | None = None, steps: int = 1500, batch: int = 16,
