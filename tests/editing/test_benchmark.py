@@ -80,7 +80,9 @@ def test_results_json_has_every_key(tiny_run):
     assert {"matrix", "mean_inverse_pairs", "mean_all_pairs", "by_step"} <= set(g)
     assert sorted(g["by_step"], key=int) == ["0", "3", "6"]  # init, halfway, end
     assert len(g["matrix"]) == len(r["tasks"])
-    assert -1 <= r["manifold"]["silhouette"] <= 1
+    assert -1 <= r["manifold"]["silhouette"] <= 1 and r["manifold"]["on"] == "updates"
+    vs = r["manifold"]["value_spearman"]  # per edit with enough numeric values in seen wording + held-out values
+    assert set(vs) == {"per_edit", "samples", "mean"} and all(0 <= v <= 1 for v in vs["per_edit"].values())
     assert set(r["scaling"]["depth"]) == {"1", "2"} and set(r["scaling"]["rank"]) == {"2", "4"}
     assert r["params"]["shared_lora_matched"] >= r["params"]["functional_memory"]
     assert r["storage"]["num_tasks"] == len(FAMILY)
