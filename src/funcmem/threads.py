@@ -67,6 +67,22 @@ def choose_threads(requested: int | None = None, cpus: int | None = None, load: 
     return threads, f"{cpus} cpus, load {load:.2f}"
 
 
+def choose_processes(limit: int, requested: int | None = None, cpus: int | None = None,
+                     load: float | None = None) -> tuple[int, str]:
+    """(processes, why) for independent jobs run side by side, one thread each (the benchmark's seeds):
+    ``requested``, else the free cores rounded to the nearest whole core, in [1, ``limit``].
+
+    Processes do not have the threads' trap: a process that loses its core only slows itself, so
+    when the machine gets busier later the work still advances at the machine's pace."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"processes must be >= 1, got {requested}")
+        return min(requested, max(1, limit)), "--workers"
+    cpus = available_cpus() if cpus is None else cpus
+    load = load_average() if load is None else load
+    return max(1, min(limit, int(max(0.0, cpus - load) + 0.5))), f"{cpus} cpus, load {load:.2f}"
+
+
 def configure_threads(requested: int | None = None, stream: IO | None = None) -> int:
     """Set torch's intra-op threads as ``choose_threads`` says and print the choice as one line
     (to ``stream``, default stderr). Returns the thread count."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from ... import io
 from ...cli import UsageError, positive_int
+from ...threads import choose_processes
 from ..conditions import CONDITIONS
 from .config import BASE_INSTRUCTIONS, BenchmarkConfig
 from .report import write_report
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the generator's conditions, the first the main one (rows functional_memory and "
                         f"functional_memory[NAME]); names: {', '.join(CONDITIONS)} (default: encoders; the full "
                         "run: encoders,label)")
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help="processes training seeds side by side, one thread each (default: the free cores, "
+                             "at most one per seed; printed at start)")
     parser.add_argument("--base-instruction", default="instruction", choices=list(BASE_INSTRUCTIONS),
                         help="neutral: the frozen base reads a fixed neutral instruction, so only the adapter carries "
                              "the instance (an ablation)")
@@ -62,7 +67,10 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg.base_instruction = args.base_instruction
     if args.condition:
         cfg.conditions = args.condition
-    results = run(cfg, args.out)
+    workers, why = choose_processes(len(cfg.seeds), args.workers)
+    hint = "" if why == "--workers" else "; --workers N to change"
+    print(f"seed processes: {workers} ({why}{hint})", file=sys.stderr, flush=True)
+    results = run(cfg, args.out, workers=workers)
     figures = io.torch_load(Path(args.out) / "figures.pt", allow_numpy=True)  # weights_only: no code runs
     write_report(Path(args.out), results, figures)
     (Path(args.out) / "figures.pt").unlink()

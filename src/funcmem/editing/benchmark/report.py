@@ -260,6 +260,9 @@ def _cost_section(results: dict) -> list[str]:
         "",
         "## Timing (seconds per stage)",
         "",
+        *([f"The seeds after the first trained in {results['seed_processes'] - 1} more process(es) beside this one "
+           "(stages below: this process; other_seeds_wait: waiting for them).", ""]
+          if results.get("seed_processes", 1) > 1 else []),
         "| " + " | ".join(k for k in t if k != "edit_latency_ms") + " |",
         "|---" * (len(t) - 1) + "|",
         "| " + " | ".join(f"{v:.1f}" for k, v in t.items() if k != "edit_latency_ms") + " |",

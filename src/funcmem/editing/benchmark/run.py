@@ -14,6 +14,8 @@ Data flow:
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -173,36 +175,84 @@ class Trained:
     conflict: dict | None = None
 
 
-def train_methods(ctx: Context, timer: Timer) -> Trained:
-    """Every row of the table for every seed; identity and the frozen base are evaluated once."""
+def train_seed(ctx: Context, seed: int, out: Trained, timer: Timer, track: bool = False) -> dict[str, nn.Module]:
+    """Every row of the table for one seed, each evaluated on every split into ``out`` (and on
+    training examples); ``track``: run the rows' training callbacks (the first seed's analyses).
+    Returns the trained methods by name."""
+    cfg = ctx.cfg
+    fitted = ctx.train.head(cfg.test_examples)
+    trained: dict[str, nn.Module] = {}
+    for m in methods_table(cfg):
+        cond = m.condition or ctx.condition
+        with timer.stage(m.name):
+            torch.manual_seed(seed)
+            method = m.build(ctx, seed, trained).to(cfg.device)
+            tracker = m.track(ctx, method) if m.track and track else None
+            train(method, ctx.train, cond, cfg, m.lr(cfg), seed, f"{m.label} (seed {seed})", tracker)
+            for view in m.views(ctx, method) if m.views else (m.name,):
+                _record(out, ctx, fitted, view, method, cond)
+        if tracker is not None:
+            out.conflict = tracker.result(ctx.edit_names)
+        trained[m.name] = method
+    return trained
+
+
+def _record(out: Trained, ctx: Context, fitted: EditSet, name: str, method, cond: str, times: int = 1) -> None:
+    """A method's evaluation on every split it is reported on, and on training examples."""
+    for split, data in ctx.evals.items():
+        if split in ONLY_ON.get(name, (split,)):
+            out.evals[split].setdefault(name, []).extend([evaluate(method, data, cond)] * times)
+    if name not in ONLY_ON:
+        out.train.setdefault(name, []).extend([evaluate(method, fitted, cond)] * times)
+
+
+_FORKED: Context | None = None  # the context a forked seed process inherits (``_seed_in_child``)
+
+
+def _seed_in_child(seed: int) -> tuple[dict, dict]:
+    """One seed in a forked process, one thread: its evaluations (the methods stay in the child)."""
+    torch.set_num_threads(1)
+    out = Trained({split: {} for split in _FORKED.evals})
+    train_seed(_FORKED, seed, out, Timer())
+    return out.evals, out.train
+
+
+def train_methods(ctx: Context, timer: Timer, workers: int = 1) -> Trained:
+    """Every row of the table for every seed; identity and the frozen base are evaluated once.
+
+    ``workers`` > 1 trains the seeds after the first in that many - 1 forked processes (one thread
+    each) while this process trains the first: seeds are independent and every batch is a function
+    of (seed, step), so the numbers are those of training them one after another (a test checks it).
+    """
+    global _FORKED
     cfg = ctx.cfg
     out = Trained({split: {} for split in ctx.evals})
     fitted = ctx.train.head(cfg.test_examples)
-
-    def record(name: str, method, cond: str, times: int = 1) -> None:
-        for split, data in ctx.evals.items():
-            if split in ONLY_ON.get(name, (split,)):
-                out.evals[split].setdefault(name, []).extend([evaluate(method, data, cond)] * times)
-        if name not in ONLY_ON:
-            out.train.setdefault(name, []).extend([evaluate(method, fitted, cond)] * times)
-
-    record("identity", Identity(), ctx.condition, len(cfg.seeds))
-    record("base", Base(ctx.editor), ctx.condition, len(cfg.seeds))
-    for seed in cfg.seeds:
-        trained: dict[str, nn.Module] = {}
-        for m in methods_table(cfg):
-            cond = m.condition or ctx.condition
-            with timer.stage(m.name):
-                torch.manual_seed(seed)
-                method = m.build(ctx, seed, trained).to(cfg.device)
-                tracker = m.track(ctx, method) if m.track and seed == cfg.seeds[0] else None
-                train(method, ctx.train, cond, cfg, m.lr(cfg), seed, f"{m.label} (seed {seed})", tracker)
-                for view in m.views(ctx, method) if m.views else (m.name,):
-                    record(view, method, cond)
-            if tracker is not None:
-                out.conflict = tracker.result(ctx.edit_names)
-            trained[m.name] = method
-        out.first = out.first or trained
+    _record(out, ctx, fitted, "identity", Identity(), ctx.condition, len(cfg.seeds))
+    _record(out, ctx, fitted, "base", Base(ctx.editor), ctx.condition, len(cfg.seeds))
+    first, rest = cfg.seeds[0], cfg.seeds[1:]
+    pool, futures = None, []
+    if workers > 1 and rest:
+        _FORKED = ctx
+        pool = ProcessPoolExecutor(min(workers - 1, len(rest)), mp_context=multiprocessing.get_context("fork"))
+        futures = [pool.submit(_seed_in_child, seed) for seed in rest]
+    try:
+        out.first = train_seed(ctx, first, out, timer, track=True)
+        if pool is None:
+            for seed in rest:
+                train_seed(ctx, seed, out, timer)
+        for future in futures:  # in seed order, so every list stays ordered by seed
+            with timer.stage("other_seeds_wait"):
+                evals, fit = future.result()
+            for split, methods in evals.items():
+                for name, results in methods.items():
+                    out.evals[split].setdefault(name, []).extend(results)
+            for name, results in fit.items():
+                out.train.setdefault(name, []).extend(results)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _FORKED = None
     return out
 
 
@@ -238,13 +288,14 @@ def analyse(ctx: Context, first: dict[str, nn.Module]) -> tuple[dict, dict]:
     return out, points
 
 
-def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
-    """The whole benchmark; returns the results dict (also written to ``out/results.json``)."""
+def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True, workers: int = 1) -> dict:
+    """The whole benchmark; returns the results dict (also written to ``out/results.json``).
+    ``workers``: processes training seeds side by side (``train_methods``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
     ctx = prepare(cfg, timer, progress)
-    trained = train_methods(ctx, timer)
+    trained = train_methods(ctx, timer, workers)
     first, memory = trained.first, trained.first["functional_memory"]
     results = {"tasks": ctx.edit_names, "inverse_pairs": [list(p) for p in analysis.inverse_pairs(ctx.edit_names)],
                "config": asdict(cfg), "eval": {split: _by_method(e) for split, e in trained.evals.items()},
@@ -265,6 +316,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
                                                                             "shared_lora_matched", "per_task_lora")
                                                        if k in first})
         io.write_json(out / "manifest.json", {"train": manifest(ctx.photos["train"]), "test": manifest(ctx.photos["test"])})
+    results["seed_processes"] = min(workers, len(cfg.seeds))
     results["timing"] = {**timer.seconds, "edit_latency_ms": analysis.edit_latency(memory, ctx.train, ctx.condition)}
     samples = analysis.sample_rows(ctx.evals, ctx.condition, {"base": Base(ctx.editor), **first})
     io.write_json(out / "results.json", results)
