@@ -137,11 +137,11 @@ def random_lora(source, rows, index=None, *, rank=None, scale=None, std=0.3, see
 
 
 def user_error(capsys, args: list[str]) -> str:
-    """Run ``funcmem ARGS``: status 2 and one ``error:`` line on stderr (after the threads line), no
-    traceback. Returns the error line."""
+    """Run ``funcmem ARGS``: status 2 and one ``error:`` line on stderr (after the lines saying how many
+    threads and seed processes run), no traceback. Returns the error line."""
     assert main(args) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith("threads: ")]
+    lines = [line for line in err.splitlines() if not line.startswith(("threads: ", "seed processes: "))]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
