@@ -6,14 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..benchmark.config import BenchmarkConfig
-from ..ops import EDITS
+from ..ops import FAMILY
 
 METHODS = ("shared_lora_sequential", "per_task_lora", "fm_naive", "fm_replay")
-GROUPS = {"A": ["blur", "sharpen", "add_noise", "denoise"],
-          "B": ["age", "restore", "brighten", "darken"],
-          "C": ["contrast_up", "contrast_down", "warmer", "cooler"]}
+GROUPS = {"A": ["saturate", "desaturate", "add_noise", "denoise"],  # the benchmark's family (``ops.FAMILY``),
+          "B": ["age", "restore", "brighten", "darken"],  # inverse pairs in the same stage
+          "C": ["contrast_up", "contrast_down", "warmer", "cooler", "tint"]}
 CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
-EDIT_NAMES = list(EDITS)  # edit ids index this list in every stage
+EDIT_NAMES = list(FAMILY)  # edit ids index this list in every stage (the family: ``tasks.EDIT_NAMES``' first ids)
 FORGET_NEAR = {"recombine": True, "noise": 1.5}  # the ablation behind it: docs/continual.md
 STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
                   "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
