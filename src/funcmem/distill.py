@@ -9,6 +9,10 @@ learnt, from stored condition vectors alone (no data). Nothing here knows what a
     forget(..., near=Neighbourhood(label_positions, recombine=True))  # ... and near the stored ones too
     relearn(fm, store, [label], recorded, TrainConfig(steps=300))  # undo, from the updates recorded before
 
+``fm`` is anything with ``generate(conditions) -> LoRA`` whose trainable parameters make it: a
+``FunctionalMemory``, or a wrapper that generates the way its users do (e.g. masking padded condition
+tokens): the updates kept or removed are those ``fm.generate`` makes, so it must be the same call.
+
 The distance compares the updates factors make, not the factors: for one target it is
 ``||s B A - s' B' A'||_F^2``, computed from r x r products (``B A`` is never formed), so
 ``(B Q)(Q^-1 A)`` is the same update.
@@ -84,7 +88,7 @@ class ConditionStore:
 
 
 def _device(fm: nn.Module) -> torch.device:
-    return next(fm.generator.parameters()).device
+    return next(fm.parameters()).device
 
 
 @torch.no_grad()

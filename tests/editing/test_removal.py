@@ -6,12 +6,17 @@ import math
 import pytest
 import torch
 
+from funcmem import distill
 from funcmem.cli import build_parser
 from funcmem.editing.conditions import ConditionProjector
-from funcmem.editing.continual import EDIT_NAMES, removal
+from funcmem.editing.continual import EDIT_NAMES, learners, removal
 from funcmem.editing.continual.protocol import check_forget
 from funcmem.editing.continual.config import ContinualConfig
+from funcmem.editing.editor import Editor, EditorConfig
+from funcmem.editing.methods import EditingMemory
 from funcmem.editing.ops import EDITS
+from funcmem.generator import GeneratorConfig
+from funcmem.train import TrainConfig
 
 
 def test_psnr_per_edit_against_hand_computed_values():
@@ -100,3 +105,34 @@ def test_a_removal_the_run_cannot_make_is_refused_before_training():
         check_forget(cfg, ["saturate", "age"], ["fm_replay"])
     with pytest.raises(ValueError, match="nothing would be kept"):
         check_forget(cfg, ["saturate", "desaturate"], ["fm_replay"])
+
+
+def test_replay_and_removal_act_on_the_updates_the_memory_makes_with_padding_masked():
+    """The store's conditions have padded instruction slots (zeros): the updates distillation keeps and a
+    removal drives to zero are ``EditingMemory.generate``'s (padding masked, as at use), not the raw generator's."""
+    editor = Editor(EditorConfig(width=32, depth=1, heads=2))
+    torch.manual_seed(0)
+    memory = EditingMemory.create(editor, {"image": 6, "text": 8}, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
+                                  generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
+    memory.projector.requires_grad_(False)
+    with torch.no_grad():
+        memory.fm.generator.model.proj_out_B.weight.normal_(std=0.1)
+        raw = {"image": torch.randn(8, 2, 6), "text": torch.randn(8, 5, 8),
+               "text_mask": torch.arange(5)[None] < torch.tensor([2, 3, 4, 5, 2, 3, 4, 5])[:, None]}
+        conditions = memory.condition({"raw": raw})
+    store = distill.ConditionStore()
+    store.add(conditions, torch.tensor([0] * 4 + [1] * 4))
+    c = store.conditions.float()
+    kept = learners.ReplayLoss(memory, store, weight=1.0, batch=4, seed=0).distill
+    with torch.no_grad():
+        masked, unmasked = memory.generate(c), memory.fm.generate(c)
+    assert distill.product_sq_distance(kept.old, masked).max() < 1e-8
+    padded = ~raw["text_mask"].all(1)  # without padding the two agree; with it they differ
+    gap = distill.product_sq_distance(kept.old, unmasked)
+    assert gap[~padded].max() < 1e-8 and gap[padded].min() > 1e-3 * distill.product_sq_distance(masked).mean()
+    before = distill.product_sq_distance(masked[:4]).mean()
+    distill.forget(memory, store, 0, TrainConfig(steps=60, lr=1e-2, progress=False), batch=4, seed=0)
+    with torch.no_grad():
+        after, others = memory.generate(c[:4]), memory.generate(c[4:])
+    assert distill.product_sq_distance(after).mean() < 0.05 * before
+    assert distill.product_sq_distance(others, masked[4:]).mean() < 0.2 * distill.product_sq_distance(masked[4:]).mean()

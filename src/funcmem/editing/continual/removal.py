@@ -149,15 +149,15 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
     base_out = {name: outputs(Base(editor), s, cond) for name, s in sets.items()}
     before = measure(memory, base_out, sets, cond)
     removed = torch.isin(store.labels, torch.tensor(ids, dtype=store.labels.dtype))
-    recorded = distill.generate_all(memory.fm, store.conditions[removed])  # for the undo
+    recorded = distill.generate_all(memory, store.conditions[removed])  # for the undo
     start = time.perf_counter()
-    history = distill.forget(memory.fm, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
+    history = distill.forget(memory, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
                              batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg))
     seconds = time.perf_counter() - start
     memory.eval()
     after = measure(memory, base_out, sets, cond)
     undo = copy.deepcopy(memory)
-    distill.relearn(undo.fm, store, ids, recorded, train_config(cfg, cfg.relearn_steps, f"relearn {','.join(edits)}"),
+    distill.relearn(undo, store, ids, recorded, train_config(cfg, cfg.relearn_steps, f"relearn {','.join(edits)}"),
                     batch=cfg.replay_batch, seed=cfg.seed)
     undo.eval()
     relearnt = measure(undo, base_out, sets, cond)["to_target"]
