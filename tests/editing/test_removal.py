@@ -90,7 +90,8 @@ def test_forget_takes_several_edits_and_names_a_bad_one():
     assert parse("--forget", "saturate,age").forget == ["saturate", "age"]
     assert parse("--forget", " saturate , age ").forget == ["saturate", "age"]
     assert parse().forget is None
-    for text, message in [("saturate,nope", "unknown edit 'nope'; edits: " + ", ".join(EDIT_NAMES)), ("saturate,saturate", "named twice"),
+    for text, message in [("saturate,nope", "unknown edit 'nope'; edits: " + ", ".join(EDIT_NAMES)),
+                          ("saturate,saturate", "named twice"),
                           ("saturate,", "expected edit names separated by commas")]:
         with pytest.raises(ValueError, match=message):
             removal.parse_edits(text)
