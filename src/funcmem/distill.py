@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -177,6 +178,12 @@ class Neighbourhood:
         return x
 
 
+def scaled(lora: LoRA, factor: Tensor) -> LoRA:
+    """Each sample's update times ``factor`` ((n,)): its B factors scaled."""
+    shape = lambda b: (-1, *[1] * (b.dim() - 1))  # noqa: E731
+    return LoRA({k: (a, b * factor.view(shape(b))) for k, (a, b) in lora.factors.items()}, lora.scale)
+
+
 def _draw_same(labels: Tensor, label: Tensor, g: torch.Generator) -> Tensor:
     pool = (labels == label).nonzero().flatten()
     return pool[torch.randint(len(pool), (), generator=g)]
@@ -191,7 +198,8 @@ def _label_index(store: ConditionStore, labels) -> Tensor:
 
 
 def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainConfig, targets: LoRA | None = None,
-             batch: int = 16, seed: int = 0, near: Neighbourhood | None = None) -> list[dict]:
+             batch: int = 16, seed: int = 0, near: Neighbourhood | None = None,
+             gate: Callable[[LoRA], Tensor] | None = None) -> list[dict]:
     """Fine-tune the generator so that the stored conditions ``moved`` ((n,) bool) yield ``targets``
     (a LoRA with one sample per moved condition; None: the zero update) while every other stored
     condition keeps the update it has now. Uses the store only (no data).
@@ -201,9 +209,16 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
     to zero (``near`` needs ``targets`` None). Each step draws ``batch`` kept and ``batch`` moved
     conditions (a function of ``seed`` and the step). Returns the trainer's history (losses ``keep``
     and ``move``).
+
+    ``gate`` (with ``near``): a map from updates to (n,) shares in [0, 1] to remove, judged from the
+    update itself (e.g. how much it behaves like the moved labels); a drawn kept condition's goal is
+    then its teacher update times ``1 - gate(update)``, so conditions near kept ones that act like
+    the removed labels lose their update too.
     """
     if near is not None and targets is not None:
         raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
+    if gate is not None and near is None:
+        raise ValueError("a gate judges conditions drawn near the store: give a neighbourhood too")
     moved_idx, kept = moved.nonzero().flatten(), (~moved).nonzero().flatten()
     device = _device(fm)
     teacher = None if near is None else copy.deepcopy(fm).requires_grad_(False).eval()
@@ -225,7 +240,8 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
         """Per drawn condition: the update it keeps and whether it moves instead."""
         moving = moved_dev[idx.to(device)]
         if near is not None:
-            return teacher.generate(c), moving
+            want = teacher.generate(c)
+            return (want if gate is None else scaled(want, 1 - gate(want).to(device))), moving
         if targets is None:
             return old[idx], moving
         on = moved[idx]  # drawn kept first, then moved
@@ -249,10 +265,11 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
 
 
 def forget(fm: nn.Module, store: ConditionStore, labels: int | list[int], config: TrainConfig, batch: int = 16,
-           seed: int = 0, near: Neighbourhood | None = None) -> list[dict]:
+           seed: int = 0, near: Neighbourhood | None = None, gate: Callable[[LoRA], Tensor] | None = None) -> list[dict]:
     """Drive one or several labels' updates to zero, keeping every other stored condition's update
-    (``retarget``; with ``near``, on the neighbourhood of the stored conditions too)."""
-    return retarget(fm, store, _label_index(store, labels), config, None, batch, seed, near)
+    (``retarget``; with ``near``, on the neighbourhood of the stored conditions too; with ``gate``,
+    the kept side's drawn conditions lose the share of their update the gate gives)."""
+    return retarget(fm, store, _label_index(store, labels), config, None, batch, seed, near, gate)
 
 
 def relearn(fm: nn.Module, store: ConditionStore, labels: int | list[int], updates: LoRA, config: TrainConfig,

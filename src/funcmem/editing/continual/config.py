@@ -15,6 +15,7 @@ GROUPS = {"A": ["saturate", "desaturate", "add_noise", "denoise"],  # the benchm
 CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
 EDIT_NAMES = list(FAMILY)  # edit ids index this list in every stage (the family: ``tasks.EDIT_NAMES``' first ids)
 FORGET_NEAR = {"recombine": True, "noise": 1.5}  # the ablation behind it: docs/continual.md
+FORGET_GATE: dict = {}  # the behaviour gate (``behaviour.BehaviourGate``): probes, temperature, text; empty: off
 STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
                   "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
 
@@ -33,6 +34,9 @@ class ContinualConfig:
         relearn_steps: the undo's fine-tune (``relearn_psnr``, measured on a copy).
         forget_near: ``funcmem.distill.Neighbourhood`` settings (all but ``label_positions``): the
             conditions near the stored ones that the removal also covers; empty: the stored ones only.
+        forget_gate: the behaviour gate's settings (``behaviour.BehaviourGate``: ``probes`` images,
+            ``temperature``, the editor's neutral ``text``); a drawn kept-side condition whose update
+            behaves like a removed edit loses that share of it. Empty: off.
         benchmark: the settings of every stage's training (``steps`` is per stage and method; the
             first of ``seeds`` is the run's seed; its example counts are not used).
     """
@@ -47,6 +51,7 @@ class ContinualConfig:
     forget_lr: float = 1e-3
     relearn_steps: int = 300
     forget_near: dict = field(default_factory=lambda: dict(FORGET_NEAR))
+    forget_gate: dict = field(default_factory=lambda: dict(FORGET_GATE))
     benchmark: BenchmarkConfig = field(default_factory=lambda: BenchmarkConfig(**STAGE_DEFAULTS["full"]))
 
     @classmethod

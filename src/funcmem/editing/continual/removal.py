@@ -31,6 +31,7 @@ from ..benchmark.sets import EditSet
 from ..methods import Base
 from ..metrics import psnr
 from ..ops import EDITS
+from . import behaviour
 from .config import EDIT_NAMES, ContinualConfig
 
 
@@ -137,12 +138,26 @@ def neighbourhood(memory, data: EditSet, cfg: ContinualConfig) -> distill.Neighb
     return distill.Neighbourhood(positions, **cfg.forget_near)
 
 
+def behaviour_gate(memory, editor, store, ids: list[int], text_encoder, cfg: ContinualConfig):
+    """The run's ``forget_gate`` (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
+    if not cfg.forget_gate:
+        return None
+    g = {"probes": 8, "temperature": 0.05, "text": "", **cfg.forget_gate}
+    states, mask = text_encoder.encode([g["text"]], editor.config.max_text_tokens)
+    device = next(editor.parameters()).device
+    probes = behaviour.probe_images(g["probes"], cfg.benchmark.size, seed=cfg.seed).to(device)
+    signature = behaviour.Signature(memory, editor, probes, states.to(device), mask.to(device))
+    return behaviour.BehaviourGate(signature, distill.generate_all(memory, store.conditions), store.labels, ids,
+                                   g["temperature"])
+
+
 def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str], near: list[str],
-                      cfg: ContinualConfig) -> dict:
+                      cfg: ContinualConfig, text_encoder=None) -> dict:
     """Remove ``edits`` from a trained ``fm_replay`` learner and measure both sides.
 
     ``sets``: ``test`` (every taught edit: other photos, held-out wording) and ``seen`` (the removed
     edits on the test photos with training wording). The learner's generator keeps the removal.
+    ``text_encoder`` (MiniLM): the behaviour gate's neutral instruction (needed when ``cfg.forget_gate``).
     """
     memory, store, cond = learner.method, learner.store, cfg.condition
     ids = [EDIT_NAMES.index(e) for e in edits]
@@ -152,7 +167,8 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
     recorded = distill.generate_all(memory, store.conditions[removed])  # for the undo
     start = time.perf_counter()
     history = distill.forget(memory, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
-                             batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg))
+                             batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg),
+                             gate=behaviour_gate(memory, editor, store, ids, text_encoder, cfg))
     seconds = time.perf_counter() - start
     memory.eval()
     after = measure(memory, base_out, sets, cond)
@@ -166,5 +182,5 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
             "relearn_kept_psnr": mean(v for e, v in relearnt.items() if e not in edits),
             "base_psnr_removed": mean(psnr_per_edit(base_out["test"], sets["test"].targets,
                                                     sets["test"].edit_ids)[e] for e in edits),
-            "neighbourhood": dict(cfg.forget_near), "store_conditions_used": len(store),
+            "neighbourhood": dict(cfg.forget_near), "gate": dict(cfg.forget_gate), "store_conditions_used": len(store),
             "steps": cfg.forget_steps, "seconds": round(seconds, 1), "final_losses": history[-1] if history else {}}
