@@ -123,6 +123,7 @@ def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     assert r["methods"]["fm_naive"]["storage"]["store"] == 0
     f = r["forget"]
     assert f["edits"] == ["saturate"]
+    assert f["neighbourhood"] == cfg.forget_near and f["gate"] == cfg.forget_gate  # the removal ran with the gate
     for key in ("removed_psnr_to_base", "removed_psnr_to_base_seen", "kept_psnr_before", "kept_psnr_after",
                 "near_miss_psnr_before", "near_miss_psnr_after", "relearn_psnr"):
         assert math.isfinite(f[key]), key

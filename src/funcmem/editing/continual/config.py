@@ -14,8 +14,8 @@ GROUPS = {"A": ["saturate", "desaturate", "add_noise", "denoise"],  # the benchm
           "C": ["contrast_up", "contrast_down", "warmer", "cooler", "tint"]}
 CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
 EDIT_NAMES = list(FAMILY)  # edit ids index this list in every stage (the family: ``tasks.EDIT_NAMES``' first ids)
-FORGET_NEAR = {"recombine": True, "noise": 1.5}  # the ablation behind it: docs/continual.md
-FORGET_GATE: dict = {}  # the behaviour gate (``behaviour.BehaviourGate``): probes, temperature, text; empty: off
+FORGET_NEAR = {"recombine": True, "noise": 3.0}  # the ablation behind both: docs/continual.md
+FORGET_GATE = {"probes": 8, "temperature": 0.02, "text": ""}  # ``behaviour.BehaviourGate``; empty: off
 STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
                   "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
 

@@ -3,7 +3,9 @@
 The removal fine-tunes the generator on the replay store only (``funcmem.distill.forget``): the
 removed edits' stored conditions, and conditions near them (``funcmem.distill.Neighbourhood``:
 their instruction tokens with other stored photos' tokens, ...), go to a zero update (the base
-editor's output); every other stored condition, and its neighbourhood, keeps its update.
+editor's output); every other stored condition, and its neighbourhood, keeps its update, except the
+share the behaviour gate (``behaviour.BehaviourGate``) takes from drawn conditions whose update acts
+like a removed edit's on probe images.
 
 What is measured (``continual.json["forget"]``), before and after, PSNR in dB:
 
@@ -142,7 +144,7 @@ def behaviour_gate(memory, editor, store, ids: list[int], text_encoder, cfg: Con
     """The run's ``forget_gate`` (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
     if not cfg.forget_gate:
         return None
-    g = {"probes": 8, "temperature": 0.05, "text": "", **cfg.forget_gate}
+    g = {"probes": 8, "temperature": 0.02, "text": "", **cfg.forget_gate}
     states, mask = text_encoder.encode([g["text"]], editor.config.max_text_tokens)
     device = next(editor.parameters()).device
     probes = behaviour.probe_images(g["probes"], cfg.benchmark.size, seed=cfg.seed).to(device)

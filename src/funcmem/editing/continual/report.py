@@ -74,6 +74,8 @@ def forget_section(f: dict) -> list[str]:
     """The removal's table: PSNR (dB) before and after, on held-out and training wording."""
     near = ", ".join(f["near_miss_edits"]) or "none"
     how = ", ".join(f"{k}={v}" for k, v in f["neighbourhood"].items()) or "the stored conditions only"
+    if f.get("gate"):
+        how += "; behaviour gate " + ", ".join(f"{k}={v!r}" for k, v in f["gate"].items())
     rows = [("removed edits' output vs the base's, held-out wording and photos (high = removed)",
              f["removed_psnr_to_base_before"], f["removed_psnr_to_base"]),
             ("removed edits' output vs the base's, training wording",
