@@ -1,5 +1,6 @@
 """The removal's behaviour gate: probe images, signatures on a tiny editor, the gate's softmax by hand."""
 
+import copy
 import math
 
 import pytest
@@ -65,7 +66,7 @@ def test_signature_is_the_change_an_update_makes_on_the_probes():
         lora = memory.generate(torch.randn(3, 4, 16))
     probes = probe_images(2, 16)
     states, mask = torch.randn(1, 5, 384), torch.ones(1, 5, dtype=torch.bool)
-    sig = Signature(memory, editor, probes, states, mask, chunk=2)(lora)
+    sig = Signature(memory, probes, states, mask, chunk=2)(lora)
     assert sig.shape == (3, 2 * 3 * 16 * 16)
     batch = {"inputs": probes, "text_states": states.expand(2, -1, -1), "text_mask": mask.expand(2, -1)}
     with torch.no_grad():
@@ -73,4 +74,7 @@ def test_signature_is_the_change_an_update_makes_on_the_probes():
     torch.testing.assert_close(sig[1], by_hand.flatten(), atol=1e-5, rtol=1e-4)
     assert sig.norm(dim=1).min() > 0
     zero = LoRA({k: (a, torch.zeros_like(b)) for k, (a, b) in lora.factors.items()}, lora.scale)
-    assert Signature(memory, editor, probes, states, mask)(zero).abs().max() < 1e-6
+    assert Signature(memory, probes, states, mask)(zero).abs().max() < 1e-6
+    # a copy of the memory mounts on its own copy of the editor: its signatures are its own, not zero
+    twin = copy.deepcopy(memory)
+    torch.testing.assert_close(Signature(twin, probes, states, mask, chunk=2)(lora), sig)

@@ -10,7 +10,7 @@ of its stored conditions' updates. An update's gate is the softmax weight (over 
 its signature to each edit's behaviour, over ``temperature``) of the removed edits:
 
     probes = probe_images(8, 32, seed=0)                                   # (8, 3, 32, 32)
-    signature = Signature(memory, editor, probes, text_states, text_mask)  # LoRA (n) -> (n, 8 * 3 * 32 * 32)
+    signature = Signature(memory, probes, text_states, text_mask)  # LoRA (n) -> (n, 8 * 3 * 32 * 32)
     gate = BehaviourGate(signature, stored_updates, store.labels, removed_ids, temperature=0.05)
     gate(lora)                                                             # (n,) in [0, 1]
 
@@ -41,17 +41,17 @@ class Signature:
     """An update's behaviour: the change it makes to the editor's output on the probe images.
 
     Args:
-        memory: an ``EditingMemory`` (its ``fm.mounted`` mounts a LoRA on the editor).
-        editor: the frozen base editor.
+        memory: an ``EditingMemory``; its frozen editor (``memory.fm.base``, where ``fm.mounted`` mounts
+            a LoRA) makes the outputs.
         probes: (P, 3, S, S) probe images.
         text_states, text_mask: (1, T, D) and (1, T) the editor's text input for every probe.
     """
 
-    def __init__(self, memory, editor, probes: Tensor, text_states: Tensor, text_mask: Tensor, chunk: int = 32):
-        self.memory, self.editor, self.chunk = memory, editor, chunk
+    def __init__(self, memory, probes: Tensor, text_states: Tensor, text_mask: Tensor, chunk: int = 32):
+        self.memory, self.editor, self.chunk = memory, memory.fm.base, chunk
         self.probes, self.text_states, self.text_mask = probes, text_states, text_mask
         with torch.no_grad():
-            self.base = edit_with(editor, self._batch(1))  # (P, 3, S, S)
+            self.base = edit_with(self.editor, self._batch(1))  # (P, 3, S, S)
 
     def _batch(self, n: int) -> dict:
         P = len(self.probes)

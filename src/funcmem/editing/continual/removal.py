@@ -140,15 +140,16 @@ def neighbourhood(memory, data: EditSet, cfg: ContinualConfig) -> distill.Neighb
     return distill.Neighbourhood(positions, **cfg.forget_near)
 
 
-def behaviour_gate(memory, editor, store, ids: list[int], text_encoder, cfg: ContinualConfig):
+def behaviour_gate(memory, store, ids: list[int], text_encoder, cfg: ContinualConfig):
     """The run's ``forget_gate`` (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
     if not cfg.forget_gate:
         return None
     g = {"probes": 8, "temperature": 0.02, "text": "", **cfg.forget_gate}
+    editor = memory.fm.base  # the editor the generator's updates mount on
     states, mask = text_encoder.encode([g["text"]], editor.config.max_text_tokens)
     device = next(editor.parameters()).device
     probes = behaviour.probe_images(g["probes"], cfg.benchmark.size, seed=cfg.seed).to(device)
-    signature = behaviour.Signature(memory, editor, probes, states.to(device), mask.to(device))
+    signature = behaviour.Signature(memory, probes, states.to(device), mask.to(device))
     return behaviour.BehaviourGate(signature, distill.generate_all(memory, store.conditions), store.labels, ids,
                                    g["temperature"])
 
@@ -170,7 +171,7 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
     start = time.perf_counter()
     history = distill.forget(memory, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
                              batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg),
-                             gate=behaviour_gate(memory, editor, store, ids, text_encoder, cfg))
+                             gate=behaviour_gate(memory, store, ids, text_encoder, cfg))
     seconds = time.perf_counter() - start
     memory.eval()
     after = measure(memory, base_out, sets, cond)
