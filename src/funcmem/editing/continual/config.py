@@ -56,8 +56,8 @@ class ContinualConfig:
 
     @classmethod
     def quick(cls, benchmark: BenchmarkConfig | None = None, **overrides) -> "ContinualConfig":
-        """Under 10 minutes on 2 CPU cores (the base editor cached; it is the quick demo's); ``--forget`` adds
-        about 3.5 minutes (600 removal steps and the 150-step undo)."""
+        """About 6 minutes on 2 CPU cores (the base editor cached; it is the quick demo's); ``--forget`` adds
+        about 4 minutes (600 removal steps with the behaviour gate, and the 150-step undo)."""
         base = dict(train_per_group=384, test_per_group=96, replay_batch=8, forget_steps=600, relearn_steps=150)
         return cls(**{**base, **overrides},
                    benchmark=benchmark or BenchmarkConfig.quick(**STAGE_DEFAULTS["quick"]))
