@@ -197,6 +197,13 @@ def _label_index(store: ConditionStore, labels) -> Tensor:
     return torch.isin(store.labels, torch.tensor(labels, dtype=store.labels.dtype))
 
 
+def _check_goals(targets: LoRA | None, near: Neighbourhood | None, gate) -> None:
+    if near is not None and targets is not None:
+        raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
+    if gate is not None and near is None:
+        raise ValueError("a gate judges conditions drawn near the store: give a neighbourhood too")
+
+
 def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainConfig, targets: LoRA | None = None,
              batch: int = 16, seed: int = 0, near: Neighbourhood | None = None,
              gate: Callable[[LoRA], Tensor] | None = None) -> list[dict]:
@@ -210,15 +217,10 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
     conditions (a function of ``seed`` and the step). Returns the trainer's history (losses ``keep``
     and ``move``).
 
-    ``gate`` (with ``near``): a map from updates to (n,) shares in [0, 1] to remove, judged from the
-    update itself (e.g. how much it behaves like the moved labels); a drawn kept condition's goal is
-    then its teacher update times ``1 - gate(update)``, so conditions near kept ones that act like
-    the removed labels lose their update too.
+    ``gate`` (with ``near``): updates -> (n,) shares in [0, 1] judged from the update itself (e.g. how
+    much it acts like the moved labels); a drawn kept condition's goal is its teacher update x (1 - gate).
     """
-    if near is not None and targets is not None:
-        raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
-    if gate is not None and near is None:
-        raise ValueError("a gate judges conditions drawn near the store: give a neighbourhood too")
+    _check_goals(targets, near, gate)
     moved_idx, kept = moved.nonzero().flatten(), (~moved).nonzero().flatten()
     device = _device(fm)
     teacher = None if near is None else copy.deepcopy(fm).requires_grad_(False).eval()
