@@ -38,7 +38,7 @@ from .config import EDIT_NAMES, ContinualConfig
 
 
 def parse_edits(text: str) -> list[str]:
-    """``"blur,age"`` -> ``["blur", "age"]``; ValueError naming an unknown, repeated or missing edit."""
+    """``"denoise,tint"`` -> ``["denoise", "tint"]``; ValueError naming an unknown, repeated or missing edit."""
     names = [t.strip() for t in text.split(",")]
     if not all(names):
         raise ValueError(f"expected edit names separated by commas, got {text!r}")
