@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from funcmem.distill import (ConditionStore, FunctionalDistillation, Neighbourhood, forget, generate_all, product_sq_distance,
-                             relearn, retarget)
+                             relearn, retarget, scaled)
 from funcmem.lora import LoRA
 from funcmem.targets import Target
 from funcmem.train import TrainConfig
@@ -160,3 +160,30 @@ def test_forgetting_a_neighbourhood_reaches_recombined_conditions_the_store_neve
     assert product_sq_distance(fm.generate(unseen)).mean().item() < 0.2 * before
     with pytest.raises(ValueError, match="no known target"):
         retarget(fm, store, labels == 0, TrainConfig(steps=1), generate_all(fm, store.conditions[:4]), near=near)
+
+
+def test_scaled_multiplies_each_sample_update():
+    lora = two_target_lora(0)
+    f = torch.tensor([0.0, 0.5, 2.0])
+    assert torch.allclose(product_sq_distance(scaled(lora, f)), f ** 2 * product_sq_distance(lora), rtol=1e-5)
+
+
+def test_a_gate_takes_its_share_of_the_kept_side_update():
+    """gate 0 everywhere: the plain removal, step for step; gate 1 everywhere: the kept side goes to zero too;
+    a gate on the update's direction: only kept-side draws that act like the removed label lose their update."""
+    store, near = stored(4), Neighbourhood(noise=0.5)
+    c = store.conditions.float()
+    config = TrainConfig(steps=40, lr=3e-2, progress=False)
+
+    def run(gate):
+        fm = TinyGenerator()
+        forget(fm, store, 0, config, batch=4, seed=0, near=near, gate=gate)
+        return fm, product_sq_distance(fm.generate(c)).detach()
+
+    plain, kept_plain = run(None)
+    zero, _ = run(lambda lora: torch.zeros(len(lora)))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), zero.state_dict().values()))
+    _, everything = run(lambda lora: torch.ones(len(lora)))
+    assert (everything[4:] < 0.2 * kept_plain[4:]).all()  # the kept label's stored updates went too
+    with pytest.raises(ValueError, match="give a neighbourhood"):
+        forget(TinyGenerator(), store, 0, config, gate=lambda lora: torch.ones(len(lora)))

@@ -9,6 +9,10 @@ learnt, from stored condition vectors alone (no data). Nothing here knows what a
     forget(..., near=Neighbourhood(label_positions, recombine=True))  # ... and near the stored ones too
     relearn(fm, store, [label], recorded, TrainConfig(steps=300))  # undo, from the updates recorded before
 
+``fm`` is anything with ``generate(conditions) -> LoRA`` whose trainable parameters make it: a
+``FunctionalMemory``, or a wrapper that generates the way its users do (e.g. masking padded condition
+tokens): the updates kept or removed are those ``fm.generate`` makes, so it must be the same call.
+
 The distance compares the updates factors make, not the factors: for one target it is
 ``||s B A - s' B' A'||_F^2``, computed from r x r products (``B A`` is never formed), so
 ``(B Q)(Q^-1 A)`` is the same update.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +89,7 @@ class ConditionStore:
 
 
 def _device(fm: nn.Module) -> torch.device:
-    return next(fm.generator.parameters()).device
+    return next(fm.parameters()).device
 
 
 @torch.no_grad()
@@ -173,6 +178,12 @@ class Neighbourhood:
         return x
 
 
+def scaled(lora: LoRA, factor: Tensor) -> LoRA:
+    """Each sample's update times ``factor`` ((n,)): its B factors scaled."""
+    shape = lambda b: (-1, *[1] * (b.dim() - 1))  # noqa: E731
+    return LoRA({k: (a, b * factor.view(shape(b))) for k, (a, b) in lora.factors.items()}, lora.scale)
+
+
 def _draw_same(labels: Tensor, label: Tensor, g: torch.Generator) -> Tensor:
     pool = (labels == label).nonzero().flatten()
     return pool[torch.randint(len(pool), (), generator=g)]
@@ -186,8 +197,16 @@ def _label_index(store: ConditionStore, labels) -> Tensor:
     return torch.isin(store.labels, torch.tensor(labels, dtype=store.labels.dtype))
 
 
+def _check_goals(targets: LoRA | None, near: Neighbourhood | None, gate) -> None:
+    if near is not None and targets is not None:
+        raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
+    if gate is not None and near is None:
+        raise ValueError("a gate judges conditions drawn near the store: give a neighbourhood too")
+
+
 def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainConfig, targets: LoRA | None = None,
-             batch: int = 16, seed: int = 0, near: Neighbourhood | None = None) -> list[dict]:
+             batch: int = 16, seed: int = 0, near: Neighbourhood | None = None,
+             gate: Callable[[LoRA], Tensor] | None = None) -> list[dict]:
     """Fine-tune the generator so that the stored conditions ``moved`` ((n,) bool) yield ``targets``
     (a LoRA with one sample per moved condition; None: the zero update) while every other stored
     condition keeps the update it has now. Uses the store only (no data).
@@ -197,9 +216,11 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
     to zero (``near`` needs ``targets`` None). Each step draws ``batch`` kept and ``batch`` moved
     conditions (a function of ``seed`` and the step). Returns the trainer's history (losses ``keep``
     and ``move``).
+
+    ``gate`` (with ``near``): updates -> (n,) shares in [0, 1] judged from the update itself (e.g. how
+    much it acts like the moved labels); a drawn kept condition's goal is its teacher update x (1 - gate).
     """
-    if near is not None and targets is not None:
-        raise ValueError("a neighbourhood has no known target update: use it to remove (targets None)")
+    _check_goals(targets, near, gate)
     moved_idx, kept = moved.nonzero().flatten(), (~moved).nonzero().flatten()
     device = _device(fm)
     teacher = None if near is None else copy.deepcopy(fm).requires_grad_(False).eval()
@@ -221,7 +242,8 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
         """Per drawn condition: the update it keeps and whether it moves instead."""
         moving = moved_dev[idx.to(device)]
         if near is not None:
-            return teacher.generate(c), moving
+            want = teacher.generate(c)
+            return (want if gate is None else scaled(want, 1 - gate(want).to(device))), moving
         if targets is None:
             return old[idx], moving
         on = moved[idx]  # drawn kept first, then moved
@@ -245,10 +267,11 @@ def retarget(fm: nn.Module, store: ConditionStore, moved: Tensor, config: TrainC
 
 
 def forget(fm: nn.Module, store: ConditionStore, labels: int | list[int], config: TrainConfig, batch: int = 16,
-           seed: int = 0, near: Neighbourhood | None = None) -> list[dict]:
+           seed: int = 0, near: Neighbourhood | None = None, gate: Callable[[LoRA], Tensor] | None = None) -> list[dict]:
     """Drive one or several labels' updates to zero, keeping every other stored condition's update
-    (``retarget``; with ``near``, on the neighbourhood of the stored conditions too)."""
-    return retarget(fm, store, _label_index(store, labels), config, None, batch, seed, near)
+    (``retarget``; with ``near``, on the neighbourhood of the stored conditions too; with ``gate``,
+    the kept side's drawn conditions lose the share of their update the gate gives)."""
+    return retarget(fm, store, _label_index(store, labels), config, None, batch, seed, near, gate)
 
 
 def relearn(fm: nn.Module, store: ConditionStore, labels: int | list[int], updates: LoRA, config: TrainConfig,

@@ -55,7 +55,7 @@ def test_demo_and_continual_values(capsys, files):
         capsys, ["continual", "--distill-weight", "nan"])
     assert "argument --forget: unknown edit 'nope'; edits: saturate, " in user_error(capsys, ["continual", "--forget", "nope"])
     assert "argument --forget: edit 'age' named twice" in user_error(capsys, ["continual", "--forget", "age,age"])
-    assert user_error(capsys, [*THREADS, "continual", "--forget", "blur", "--methods", "fm_naive", "--out",
+    assert user_error(capsys, [*THREADS, "continual", "--forget", "saturate", "--methods", "fm_naive", "--out",
                                str(files / "out_forget")]) == (
         "error: --forget removes edits from the fm_replay generator: keep fm_replay in the methods")
     for bad in ("label,nope", "label,label", ","):

@@ -13,6 +13,7 @@ from funcmem.editing.benchmark.config import BenchmarkConfig
 from funcmem.editing.continual import EDIT_NAMES, ContinualConfig, learners, protocol, summarize
 from funcmem.editing.continual.cli import config as config_from_flags
 from funcmem.editing.editor import Editor
+from funcmem.editing.ops import FAMILY, INVERSE_PAIRS
 
 # ------------------------------------------------------------------ metrics
 
@@ -50,7 +51,7 @@ def test_summarize_rejects_missing_or_ragged_entries():
 def tiny_config(tmp_path_factory):
     stages = BenchmarkConfig.quick(steps=3, batch=4, editor={"width": 32, "depth": 2, "heads": 2}, conditions=["encoders"],
                                    seeds=[0], cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return ContinualConfig.quick(stages, groups={"A": ["blur", "sharpen"], "B": ["brighten", "darken"]},
+    return ContinualConfig.quick(stages, groups={"A": ["saturate", "desaturate"], "B": ["brighten", "darken"]},
                                  train_per_group=24, test_per_group=8, store_per_edit=2, replay_batch=4, forget_steps=3,
                                  relearn_steps=3)
 
@@ -77,7 +78,7 @@ def tiny_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: a second thread only adds contention on a shared CPU
     try:
-        results = continual.run(cfg, out, forget="blur", progress=False)
+        results = continual.run(cfg, out, forget="saturate", progress=False)
     finally:
         torch.set_num_threads(threads)
         mp.undo()
@@ -121,12 +122,13 @@ def test_results_have_matrices_metrics_storage_and_forget(tiny_run):
     assert r["methods"]["fm_replay"]["storage"]["store"] == store["bytes"] > 0
     assert r["methods"]["fm_naive"]["storage"]["store"] == 0
     f = r["forget"]
-    assert f["edits"] == ["blur"]
+    assert f["edits"] == ["saturate"]
+    assert f["neighbourhood"] == cfg.forget_near and f["gate"] == cfg.forget_gate  # the removal ran with the gate
     for key in ("removed_psnr_to_base", "removed_psnr_to_base_seen", "kept_psnr_before", "kept_psnr_after",
                 "near_miss_psnr_before", "near_miss_psnr_after", "relearn_psnr"):
         assert math.isfinite(f[key]), key
-    assert set(f["kept_per_edit_after"]) == {"sharpen", "brighten", "darken"}
-    assert "sharpen" in f["near_miss_edits"] and set(f["near_miss_per_edit_after"]) == set(f["near_miss_edits"])
+    assert set(f["kept_per_edit_after"]) == {"desaturate", "brighten", "darken"}
+    assert "desaturate" in f["near_miss_edits"] and set(f["near_miss_per_edit_after"]) == set(f["near_miss_edits"])
     for name in ("continual.json", "continual.png", "continual.md"):
         assert (out / name).is_file(), name
     assert "Removing edits" in (out / "continual.md").read_text()
@@ -149,10 +151,19 @@ def test_cli_registers_the_command_with_the_shared_flags(tmp_path):
     from funcmem.cli import build_parser
     from funcmem.editing.continual import cli
 
-    argv = ["continual", "--quick", "--out", str(tmp_path), "--forget", "blur", "--steps", "7", "--images", "x"]
+    argv = ["continual", "--quick", "--out", str(tmp_path), "--forget", "saturate", "--steps", "7", "--images", "x"]
     args = build_parser(argv).parse_args(argv)
-    assert args.run_cli is cli.run_cli and args.quick and args.forget == ["blur"]
+    assert args.run_cli is cli.run_cli and args.quick and args.forget == ["saturate"]
     cfg = config_from_flags(args)
     assert cfg.benchmark.steps == 7 and cfg.benchmark.images == "x" and cfg.train_per_group == 384
     assert config_from_flags(build_parser(["continual"]).parse_args(["continual"])).benchmark.steps == 600
     assert main(["continual", "--forget", "not_an_edit"]) == 2  # one line on stderr (tests/editing/test_cli_errors.py)
+
+
+def test_the_groups_teach_the_benchmark_family_with_inverse_pairs_together():
+    taught = [e for edits in continual.GROUPS.values() for e in edits]
+    assert sorted(taught) == sorted(FAMILY) and EDIT_NAMES == list(FAMILY)
+    stage = {e: name for name, edits in continual.GROUPS.items() for e in edits}
+    for a, b in INVERSE_PAIRS:
+        if a in stage or b in stage:
+            assert stage[a] == stage[b], (a, b)

@@ -6,6 +6,7 @@ forgetting the old ones; and remove edits again (``funcmem continual``).
                   fine-tuned naively or with functional distillation (``funcmem.distill``)
     protocol.py   stages, the stage x group matrices, summaries, the removal's test sets, the run
     removal.py    removing edits (``--forget``): the neighbourhood, near misses, metrics, the undo
+    behaviour.py  the removal's behaviour gate: what an update does to procedural probe images
     report.py     continual.png and continual.md
     cli.py        ``funcmem continual``
 """

@@ -6,15 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..benchmark.config import BenchmarkConfig
-from ..ops import EDITS
+from ..ops import FAMILY
 
 METHODS = ("shared_lora_sequential", "per_task_lora", "fm_naive", "fm_replay")
-GROUPS = {"A": ["blur", "sharpen", "add_noise", "denoise"],
-          "B": ["age", "restore", "brighten", "darken"],
-          "C": ["contrast_up", "contrast_down", "warmer", "cooler"]}
+GROUPS = {"A": ["saturate", "desaturate", "add_noise", "denoise"],  # the benchmark's family (``ops.FAMILY``),
+          "B": ["age", "restore", "brighten", "darken"],  # inverse pairs in the same stage
+          "C": ["contrast_up", "contrast_down", "warmer", "cooler", "tint"]}
 CONDITION = "encoders"  # the benchmark's default condition: MiniLM + EfficientNet-Lite0 streams
-EDIT_NAMES = list(EDITS)  # edit ids index this list in every stage
-FORGET_NEAR = {"recombine": True, "noise": 1.5}  # the ablation behind it: docs/continual.md
+EDIT_NAMES = list(FAMILY)  # edit ids index this list in every stage (the family: ``tasks.EDIT_NAMES``' first ids)
+FORGET_NEAR = {"recombine": True, "noise": 3.0}  # the ablation behind both: docs/continual.md
+FORGET_GATE = {"probes": 8, "temperature": 0.02, "text": ""}  # ``behaviour.BehaviourGate``; empty: off
 STAGE_DEFAULTS = {"full": dict(steps=600, conditions=[CONDITION], seeds=[0]),
                   "quick": dict(steps=200, conditions=[CONDITION], seeds=[0])}
 
@@ -33,6 +34,9 @@ class ContinualConfig:
         relearn_steps: the undo's fine-tune (``relearn_psnr``, measured on a copy).
         forget_near: ``funcmem.distill.Neighbourhood`` settings (all but ``label_positions``): the
             conditions near the stored ones that the removal also covers; empty: the stored ones only.
+        forget_gate: the behaviour gate's settings (``behaviour.BehaviourGate``: ``probes`` images,
+            ``temperature``, the editor's neutral ``text``); a drawn kept-side condition whose update
+            behaves like a removed edit loses that share of it. Empty: off.
         benchmark: the settings of every stage's training (``steps`` is per stage and method; the
             first of ``seeds`` is the run's seed; its example counts are not used).
     """
@@ -47,12 +51,13 @@ class ContinualConfig:
     forget_lr: float = 1e-3
     relearn_steps: int = 300
     forget_near: dict = field(default_factory=lambda: dict(FORGET_NEAR))
+    forget_gate: dict = field(default_factory=lambda: dict(FORGET_GATE))
     benchmark: BenchmarkConfig = field(default_factory=lambda: BenchmarkConfig(**STAGE_DEFAULTS["full"]))
 
     @classmethod
     def quick(cls, benchmark: BenchmarkConfig | None = None, **overrides) -> "ContinualConfig":
-        """Under 10 minutes on 2 CPU cores (the base editor cached; it is the quick demo's); ``--forget`` adds
-        about 3.5 minutes (600 removal steps and the 150-step undo)."""
+        """About 6 minutes on 2 CPU cores (the base editor cached; it is the quick demo's); ``--forget`` adds
+        about 4 minutes (600 removal steps with the behaviour gate, and the 150-step undo)."""
         base = dict(train_per_group=384, test_per_group=96, replay_batch=8, forget_steps=600, relearn_steps=150)
         return cls(**{**base, **overrides},
                    benchmark=benchmark or BenchmarkConfig.quick(**STAGE_DEFAULTS["quick"]))

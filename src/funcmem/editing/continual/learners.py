@@ -35,11 +35,11 @@ class ReplayLoss:
 
     def __init__(self, memory, store: ConditionStore, weight: float, batch: int, seed: int):
         self.weight = weight
-        self.distill = FunctionalDistillation(memory.fm, store, batch, seed)
+        self.distill = FunctionalDistillation(memory, store, batch, seed)  # memory.generate masks padding, as at use
 
     def __call__(self, method, batch: dict):
         task = mse_loss(method, batch)
-        distill = self.distill(method.fm)
+        distill = self.distill(method)
         return task + self.weight * distill, {"task": task.detach(), "distill": distill.detach()}
 
 

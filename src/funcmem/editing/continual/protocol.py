@@ -194,7 +194,8 @@ def run(cfg: ContinualConfig, out: str | Path, forget: list[str] | str | None = 
         with timer.stage("forget"):
             sets = removal_sets(cfg, stages, forget, text_encoder, encoder, editor_cfg)
             near = removal.near_misses(forget, text_encoder)
-            results["forget"] = removal.forget_experiment(learners["fm_replay"], editor, sets, forget, near, cfg)
+            results["forget"] = removal.forget_experiment(learners["fm_replay"], editor, sets, forget, near, cfg,
+                                                                 text_encoder)
     if "fm_replay" in learners:
         rundir.save_run(out, asdict(b), editor, {"functional_memory": learners["fm_replay"].method})
     results["timing"] = {**timer.seconds, "total": round(time.perf_counter() - start, 1)}

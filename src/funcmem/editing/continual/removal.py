@@ -3,7 +3,9 @@
 The removal fine-tunes the generator on the replay store only (``funcmem.distill.forget``): the
 removed edits' stored conditions, and conditions near them (``funcmem.distill.Neighbourhood``:
 their instruction tokens with other stored photos' tokens, ...), go to a zero update (the base
-editor's output); every other stored condition, and its neighbourhood, keeps its update.
+editor's output); every other stored condition, and its neighbourhood, keeps its update, except the
+share the behaviour gate (``behaviour.BehaviourGate``) takes from drawn conditions whose update acts
+like a removed edit's on probe images.
 
 What is measured (``continual.json["forget"]``), before and after, PSNR in dB:
 
@@ -31,11 +33,12 @@ from ..benchmark.sets import EditSet
 from ..methods import Base
 from ..metrics import psnr
 from ..ops import EDITS
+from . import behaviour
 from .config import EDIT_NAMES, ContinualConfig
 
 
 def parse_edits(text: str) -> list[str]:
-    """``"blur,age"`` -> ``["blur", "age"]``; ValueError naming an unknown, repeated or missing edit."""
+    """``"denoise,tint"`` -> ``["denoise", "tint"]``; ValueError naming an unknown, repeated or missing edit."""
     names = [t.strip() for t in text.split(",")]
     if not all(names):
         raise ValueError(f"expected edit names separated by commas, got {text!r}")
@@ -137,27 +140,43 @@ def neighbourhood(memory, data: EditSet, cfg: ContinualConfig) -> distill.Neighb
     return distill.Neighbourhood(positions, **cfg.forget_near)
 
 
+def behaviour_gate(memory, store, ids: list[int], text_encoder, cfg: ContinualConfig):
+    """The run's ``forget_gate`` (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
+    if not cfg.forget_gate:
+        return None
+    g = {"probes": 8, "temperature": 0.02, "text": "", **cfg.forget_gate}
+    editor = memory.fm.base  # the editor the generator's updates mount on
+    states, mask = text_encoder.encode([g["text"]], editor.config.max_text_tokens)
+    device = next(editor.parameters()).device
+    probes = behaviour.probe_images(g["probes"], cfg.benchmark.size, seed=cfg.seed).to(device)
+    signature = behaviour.Signature(memory, probes, states.to(device), mask.to(device))
+    return behaviour.BehaviourGate(signature, distill.generate_all(memory, store.conditions), store.labels, ids,
+                                   g["temperature"])
+
+
 def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str], near: list[str],
-                      cfg: ContinualConfig) -> dict:
+                      cfg: ContinualConfig, text_encoder=None) -> dict:
     """Remove ``edits`` from a trained ``fm_replay`` learner and measure both sides.
 
     ``sets``: ``test`` (every taught edit: other photos, held-out wording) and ``seen`` (the removed
     edits on the test photos with training wording). The learner's generator keeps the removal.
+    ``text_encoder`` (MiniLM): the behaviour gate's neutral instruction (needed when ``cfg.forget_gate``).
     """
     memory, store, cond = learner.method, learner.store, cfg.condition
     ids = [EDIT_NAMES.index(e) for e in edits]
     base_out = {name: outputs(Base(editor), s, cond) for name, s in sets.items()}
     before = measure(memory, base_out, sets, cond)
     removed = torch.isin(store.labels, torch.tensor(ids, dtype=store.labels.dtype))
-    recorded = distill.generate_all(memory.fm, store.conditions[removed])  # for the undo
+    recorded = distill.generate_all(memory, store.conditions[removed])  # for the undo
     start = time.perf_counter()
-    history = distill.forget(memory.fm, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
-                             batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg))
+    history = distill.forget(memory, store, ids, train_config(cfg, cfg.forget_steps, f"forget {','.join(edits)}"),
+                             batch=cfg.replay_batch, seed=cfg.seed, near=neighbourhood(memory, sets["test"], cfg),
+                             gate=behaviour_gate(memory, store, ids, text_encoder, cfg))
     seconds = time.perf_counter() - start
     memory.eval()
     after = measure(memory, base_out, sets, cond)
     undo = copy.deepcopy(memory)
-    distill.relearn(undo.fm, store, ids, recorded, train_config(cfg, cfg.relearn_steps, f"relearn {','.join(edits)}"),
+    distill.relearn(undo, store, ids, recorded, train_config(cfg, cfg.relearn_steps, f"relearn {','.join(edits)}"),
                     batch=cfg.replay_batch, seed=cfg.seed)
     undo.eval()
     relearnt = measure(undo, base_out, sets, cond)["to_target"]
@@ -166,5 +185,5 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
             "relearn_kept_psnr": mean(v for e, v in relearnt.items() if e not in edits),
             "base_psnr_removed": mean(psnr_per_edit(base_out["test"], sets["test"].targets,
                                                     sets["test"].edit_ids)[e] for e in edits),
-            "neighbourhood": dict(cfg.forget_near), "store_conditions_used": len(store),
+            "neighbourhood": dict(cfg.forget_near), "gate": dict(cfg.forget_gate), "store_conditions_used": len(store),
             "steps": cfg.forget_steps, "seconds": round(seconds, 1), "final_losses": history[-1] if history else {}}

@@ -74,6 +74,8 @@ def forget_section(f: dict) -> list[str]:
     """The removal's table: PSNR (dB) before and after, on held-out and training wording."""
     near = ", ".join(f["near_miss_edits"]) or "none"
     how = ", ".join(f"{k}={v}" for k, v in f["neighbourhood"].items()) or "the stored conditions only"
+    if f.get("gate"):
+        how += "; behaviour gate " + ", ".join(f"{k}={v!r}" for k, v in f["gate"].items())
     rows = [("removed edits' output vs the base's, held-out wording and photos (high = removed)",
              f["removed_psnr_to_base_before"], f["removed_psnr_to_base"]),
             ("removed edits' output vs the base's, training wording",
@@ -84,7 +86,8 @@ def forget_section(f: dict) -> list[str]:
             (f"near misses vs their targets ({near})", f["near_miss_psnr_before"], f["near_miss_psnr_after"])]
     return ["### Removing edits", "",
             f"`--forget {','.join(f['edits'])}`: {f['steps']} steps on the {f['store_conditions_used']} stored "
-            f"conditions and their neighbourhood ({how}); no images.", "",
+            f"conditions and their neighbourhood ({how}); "
+            + ("no photo (the gate's probes are random colour fields)." if f.get("gate") else "no images."), "",
             "| PSNR (dB) | before | after |", "|---|---|---|",
             *[f"| {name} | {b:.2f} | {a:.2f} |" for name, b, a in rows], "",
             f"Undo (re-taught from the removed edits' stored vectors): {f['relearn_psnr']:.2f} dB to their targets "
