@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import IO
 
 MAX_AUTO_THREADS = 4  # funcmem's models are small; more threads mostly wait (unmeasured above 2 cores)
@@ -67,20 +68,33 @@ def choose_threads(requested: int | None = None, cpus: int | None = None, load: 
     return threads, f"{cpus} cpus, load {load:.2f}"
 
 
+def other_runnable() -> float:
+    """Other processes runnable right now (``/proc/loadavg``'s running count less this one); the
+    1-minute load average where there is no such file."""
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return load_average()
+    return float(max(0, running - 1))
+
+
 def choose_processes(limit: int, requested: int | None = None, cpus: int | None = None,
-                     load: float | None = None) -> tuple[int, str]:
+                     busy: float | None = None) -> tuple[int, str]:
     """(processes, why) for independent jobs run side by side, one thread each (the benchmark's seeds):
     ``requested``, else the free cores rounded to the nearest whole core, in [1, ``limit``].
 
-    Processes do not have the threads' trap: a process that loses its core only slows itself, so
-    when the machine gets busier later the work still advances at the machine's pace."""
+    ``busy`` (default: the smaller of the 1-minute load average and the processes runnable now) counts
+    the cores others use: the load average alone still counts a job that ended a minute ago, such as
+    the install before ``make demo``. Processes do not have the threads' trap: a process that loses
+    its core only slows itself, so when the machine gets busier later the work still advances at the
+    machine's pace."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"processes must be >= 1, got {requested}")
         return min(requested, max(1, limit)), "--workers"
     cpus = available_cpus() if cpus is None else cpus
-    load = load_average() if load is None else load
-    return max(1, min(limit, int(max(0.0, cpus - load) + 0.5))), f"{cpus} cpus, load {load:.2f}"
+    busy = min(load_average(), other_runnable()) if busy is None else busy
+    return max(1, min(limit, int(max(0.0, cpus - busy) + 0.5))), f"{cpus} cpus, {busy:.2f} busy"
 
 
 def configure_threads(requested: int | None = None, stream: IO | None = None) -> int:
