@@ -232,7 +232,7 @@ def train_methods(ctx: Context, timer: Timer, workers: int = 1) -> Trained:
     _record(out, ctx, fitted, "base", Base(ctx.editor), ctx.condition, len(cfg.seeds))
     first, rest = cfg.seeds[0], cfg.seeds[1:]
     pool, futures = None, []
-    if workers > 1 and rest:
+    if workers > 1 and rest and cfg.device == "cpu":  # a forked process cannot use the parent's CUDA context
         _FORKED = ctx
         pool = ProcessPoolExecutor(min(workers - 1, len(rest)), mp_context=multiprocessing.get_context("fork"))
         futures = [pool.submit(_seed_in_child, seed) for seed in rest]
