@@ -41,7 +41,7 @@ COMMANDS: dict[str, Command] = {
                     "photos", "editing"),
     "edit": Command("funcmem.editing.apply", "edit one image with a run's generator", "editing"),
     "continual": Command("funcmem.editing.continual.cli", "continual learning: edit groups taught one after another, "
-                         "forgetting measured; optionally remove one edit (--forget)", "editing"),
+                         "forgetting measured; optionally remove edits (--forget a,b)", "editing"),
     "serve": Command("funcmem.serve.cli", "HTTP service and web page on a trained run (edits, LoRA export, metrics)",
                      "serve"),
     "loadtest": Command("funcmem.serve.loadtest", "concurrent edit requests against a local `funcmem serve`", "serve",
