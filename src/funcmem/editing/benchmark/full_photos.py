@@ -72,10 +72,9 @@ def panels(photo: Tensor, rows: list[dict]) -> list[tuple[str, Tensor]]:
 
 def full_photos_png(items: list[tuple[str, Tensor]], path: Path) -> None:
     """The panels in a grid of ``COLUMNS``, each at about one figure pixel per photo pixel."""
-    import matplotlib
+    from .report import pyplot  # here, not at the top: report imports this module
 
-    matplotlib.use("Agg")  # file-only, as ``report.pyplot``
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     h, w = items[0][1].shape[-2:]
     n_rows = -(-len(items) // COLUMNS)

@@ -34,7 +34,7 @@ from ..methods import Base
 from ..metrics import psnr
 from ..ops import EDITS
 from . import behaviour
-from .config import EDIT_NAMES, ContinualConfig
+from .config import EDIT_NAMES, FORGET_GATE, ContinualConfig
 
 
 def parse_edits(text: str) -> list[str]:
@@ -144,7 +144,7 @@ def behaviour_gate(memory, store, ids: list[int], text_encoder, cfg: ContinualCo
     """The run's ``forget_gate`` (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
     if not cfg.forget_gate:
         return None
-    g = {"probes": 8, "temperature": 0.02, "text": "", **cfg.forget_gate}
+    g = {**FORGET_GATE, **cfg.forget_gate}  # a partial setting keeps the defaults for the rest
     editor = memory.fm.base  # the editor the generator's updates mount on
     states, mask = text_encoder.encode([g["text"]], editor.config.max_text_tokens)
     device = next(editor.parameters()).device
