@@ -103,6 +103,14 @@ def test_head_bottleneck_is_flagged_when_rows_are_narrower_than_tokens():
         make_fm(wide)
 
 
+def test_a_design_chosen_knowingly_gets_no_advice():
+    narrow = GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        funcmem.FunctionalMemory(TinyTransformer(), ["qkv", "fc1", "fc2"], rank=4, condition_dim=12, generator=narrow,
+                                 advise=False)
+
+
 def test_saved_narrow_generator_loads_without_the_warning(tmp_path):
     with pytest.warns(HeadBottleneckWarning):
         _, fm = make_fm(GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=4))

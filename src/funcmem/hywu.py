@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config_checks import check_hywu_values, integer
-from .generator import FORMAT_DESIGN, GeneratorConfig, HeadBottleneckWarning, ParameterGenerator
+from .generator import FORMAT_DESIGN, GeneratorConfig, ParameterGenerator
 from .io import (atomic_directory, load_safetensors_dir, read_json, read_safetensors, safetensors_dir_shapes,
                  write_json, write_safetensors)
 from .lora import LoRA
@@ -255,10 +254,8 @@ def from_pretrained(path: str | Path, base: nn.Module, dtype: torch.dtype = torc
     state = load_safetensors_dir(path)
     grid = grid_from_config(config)
     names = [f"{layer}.{slot}" for layer in grid["layers"] for slot in grid["slots"]]
-    with warnings.catch_warnings():  # the checkpoint's shape is decided: no advice on it
-        warnings.simplefilter("ignore", HeadBottleneckWarning)
-        fm = FunctionalMemory(base, exact(names), config["rank"], config["alpha"], config["input_dim"],
-                              generator_config(config), grid=grid)
+    fm = FunctionalMemory(base, exact(names), config["rank"], config["alpha"], config["input_dim"],
+                          generator_config(config), grid=grid, advise=False)  # the checkpoint's shape is decided
     fm.generator.load_state_dict(state)
     fm.generator.to(dtype)
     return fm

@@ -9,7 +9,6 @@ merging, saving).
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from . import mount
 from .diffusers_io import export_diffusers
 from .config_checks import check_fits, check_funcmem_config
-from .generator import GeneratorConfig, HeadBottleneckWarning, ParameterGenerator, check_head
+from .generator import GeneratorConfig, ParameterGenerator, check_head
 from .guard import LoRAGuard, check_condition, check_mask
 from .io import read_json, read_safetensors, write_json, write_safetensors
 from .lora import LoRA
@@ -173,6 +172,9 @@ class FunctionalMemory(Mountable):
             exactly these. It fixes the token order where the default (layers and slots in
             ``named_modules()`` order, split at the last number) would differ, as for HY-WU
             checkpoints, whose module order is their ``pg_mapping``'s (``funcmem.hywu``).
+        advise: warn about a generator design that limits what it can generate
+            (``HeadBottleneckWarning``); False where the shape is decided: a loaded generator, or a
+            design chosen knowingly.
 
     Shape:
         condition: (B, L, condition_dim) or (B, condition_dim).
@@ -180,7 +182,7 @@ class FunctionalMemory(Mountable):
 
     def __init__(self, base: nn.Module, targets: Patterns, rank: int = 8, alpha: float | None = None,
                  condition_dim: int = 384, generator: GeneratorConfig | None = None, exclude: Patterns | None = None,
-                 grid: dict | None = None):
+                 grid: dict | None = None, advise: bool = True):
         super().__init__(base, targets, rank, alpha, exclude)
         self.condition_dim = condition_dim
         self.generator_config = generator or GeneratorConfig()
@@ -188,7 +190,8 @@ class FunctionalMemory(Mountable):
         self.layout = (TokenLayout.from_targets(self.targets, rank, self.generator_config.token_dim) if grid is None
                        else grid_layout(self.targets, self.grid, rank, self.generator_config.token_dim))
         gcfg = self.generator_config
-        check_head(gcfg)  # a warning: loading a saved generator silences it (its shape is decided)
+        if advise:
+            check_head(gcfg)
         groups = None if gcfg.head == "shared" else self.layout.token_groups()
         self.generator = ParameterGenerator(gcfg, condition_dim, self.layout.num_layers,
                                             self.layout.tokens_per_layer, self.layout.h_a, rank, groups)
@@ -301,10 +304,9 @@ class FunctionalMemory(Mountable):
         config = read_config(path, "FunctionalMemory")
         check_targets(base, config, path)
         check_fits(generator_shapes(config), Path(path) / WEIGHTS_NAME, CONFIG_NAME)  # before allocating
-        with warnings.catch_warnings():  # a saved generator's shape is decided: no advice on it
-            warnings.simplefilter("ignore", HeadBottleneckWarning)
-            fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
-                     GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"))
+        fm = cls(base, config["targets"], config["rank"], config["alpha"], config["condition_dim"],
+                 GeneratorConfig.from_dict(config["generator"]), config.get("exclude"), config.get("grid"),
+                 advise=False)  # a saved generator's shape is decided: no advice on it
         load_weights(fm.generator, path)
         return fm
 

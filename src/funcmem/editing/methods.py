@@ -144,10 +144,11 @@ class EditingMemory(nn.Module):
 
     @classmethod
     def create(cls, editor: Editor, raw_dims: dict[str, int], targets, rank: int, alpha: float,
-               condition_dim: int, generator: GeneratorConfig) -> "EditingMemory":
-        """A fresh projector (``raw_dims``: the condition encoder's) and generator on ``editor``."""
+               condition_dim: int, generator: GeneratorConfig, advise: bool = True) -> "EditingMemory":
+        """A fresh projector (``raw_dims``: the condition encoder's) and generator on ``editor``
+        (``advise``: as ``FunctionalMemory``'s)."""
         return cls(ConditionProjector(raw_dims, condition_dim),
-                   FunctionalMemory(editor, targets, rank, alpha, condition_dim, generator))
+                   FunctionalMemory(editor, targets, rank, alpha, condition_dim, generator, advise=advise))
 
     mask_padding = True  # the generator does not attend to padded condition tokens
 
