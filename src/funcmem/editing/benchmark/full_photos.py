@@ -25,6 +25,7 @@ from torch import Tensor
 from ..apply import edit_parts, seam_score
 from ..data import load_folder, load_photos
 from ..metrics import psnr
+from ..plots import pyplot
 from ..ops import EDITS
 from ..rundir import Run, load_run
 
@@ -72,8 +73,6 @@ def panels(photo: Tensor, rows: list[dict]) -> list[tuple[str, Tensor]]:
 
 def full_photos_png(items: list[tuple[str, Tensor]], path: Path) -> None:
     """The panels in a grid of ``COLUMNS``, each at about one figure pixel per photo pixel."""
-    from .report import pyplot  # here, not at the top: report imports this module
-
     plt = pyplot()
 
     h, w = items[0][1].shape[-2:]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plots import pyplot
 from .findings import SPLIT_LABELS, findings
 from .full_photos import write_full_photos
 
@@ -19,16 +20,6 @@ READS = {"identity": "nothing", "base": "the instruction (MiniLM token states)",
          "functional_memory": "the condition (instruction + image), no label",
          "functional_memory[label]": "the first edit's label (read off its phrasing), no value",
          "functional_memory[base-hidden]": "the frozen editor's own last-layer tokens"}
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def edits_png(samples: dict, path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..benchmark.report import pyplot
+from ..plots import pyplot
 
 LABELS = {"shared_lora_sequential": "shared LoRA, sequential", "per_task_lora": "LoRA per stage (oracle label)",
           "fm_naive": "generator, naive fine-tune", "fm_replay": "generator + functional distillation"}
