@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
     cfg = BenchmarkConfig.quick(train_examples=192, test_examples=72, steps=6, editor_steps=8, batch=8,
                                 cache_dir=str(tmp_path_factory.mktemp("cache")), scaling_depths=[1, 2],
                                 scaling_ranks=[2, 4], conflict_samples=4, editor={"width": 32, "depth": 2, "heads": 2},
-                                skip_methods=[], conditions=["encoders", "label"], warm_start=["label"],
+                                skip_methods=[], conditions=["encoders", "label", "label-value"], warm_start=["label"],
                                 warm_start_steps=20)
     results = run(cfg, out, progress=False)
     figures = torch.load(out / "figures.pt", weights_only=False)
@@ -68,7 +68,7 @@ def test_results_json_has_every_key(tiny_run):
         assert methods["identity"]["psnr_std"] == 0 and methods["base"]["psnr_std"] == 0
         assert methods["identity"]["per_seed_psnr"] == [methods["identity"]["psnr"]] * len(cfg.seeds)
     # a generator told the edit's label, and every method on training examples (fit, beside generalisation)
-    assert all("functional_memory[label]" in methods for methods in r["eval"].values())
+    assert all({"functional_memory[label]", "functional_memory[label-value]"} <= set(methods) for methods in r["eval"].values())
     assert METHOD_KEYS | {"functional_memory[label]"} <= set(r["methods_train"])
     assert all(math.isfinite(v["psnr"]) for v in r["methods_train"].values())
     warm = r["warm_start"]["functional_memory[label]"]  # distilled from the trained bank before its own training
@@ -131,7 +131,7 @@ def test_the_quick_run_has_two_seeds_and_leaves_out_the_matched_lora_and_the_lab
     assert len(quick.seeds) == 2 and len(full.seeds) == 3
     names = lambda cfg: sorted(m.name for m in methods_table(cfg))
     trained = ["functional_memory", "per_task_lora", "shared_lora"]
-    assert names(full) == sorted([*trained, "functional_memory[label]", "shared_lora_matched"])
+    assert names(full) == sorted([*trained, "functional_memory[label]", "functional_memory[label-value]", "shared_lora_matched"])
     assert names(quick) == trained
     with_label = BenchmarkConfig.quick(conditions=["encoders", "label"])  # funcmem demo --condition encoders,label
     assert names(with_label) == sorted([*trained, "functional_memory[label]"])

@@ -213,3 +213,38 @@ def test_texts_encoded_in_length_chunks_match_one_at_a_time(text_encoder):
         assert torch.equal(m[0], mask[i])
         torch.testing.assert_close(s[0], states[i], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(alone.embed([texts[i]])[0], embeds[i], atol=2e-5, rtol=1e-4)
+
+
+def test_value_encoder_tells_each_edit_and_its_value():
+    """label-value: one token per clause (one-hot edit, strength over the default, tint's rgb), the second masked
+    for a single edit; different values reach the generator as different LoRAs."""
+    from funcmem.editing.conditions import CONDITIONS, EditValueEncoder, make_encoder
+    from funcmem.editing.methods import EditingMemory
+    from funcmem.editing.ops import COLOURS, EDITS
+    from funcmem.generator import GeneratorConfig
+
+    assert "label-value" in CONDITIONS and isinstance(make_encoder("label-value", None, None), EditValueEncoder)
+    enc = EditValueEncoder()
+    names = list(EDITS)
+    texts = ["make it warmer by 40% and darken the photo slightly", "make it warmer by 80%",
+             EDITS["tint"].train_phrasings[0].format(colour="orange"), "make it clean and noise free"]
+    raw = enc.raw(torch.zeros(4, 3, 8, 8), texts)
+    told, mask = raw["told"], raw["told_mask"]
+    assert told.shape == (4, 2, len(EDITS) + 4) and mask.tolist() == [[True, True], [True, False], [True, False], [True, False]]
+    assert told[0, 0, names.index("warmer")] == 1 and told[0, 1, names.index("darken")] == 1
+    torch.testing.assert_close(told[0, :, -4], torch.tensor([40 / 50, 0.5]))
+    torch.testing.assert_close(told[1, 0, -4], torch.tensor(80 / 50))
+    torch.testing.assert_close(told[2, 0, -3:], torch.tensor(COLOURS["orange"]) / 255)
+    assert told[3, 0, names.index("denoise")] == 1 and (told[3, 0, -4:] == 0).all() and (told[:, 1][~mask[:, 1]] == 0).all()
+    with pytest.raises(ValueError, match="not an instruction of the edit family"):
+        enc.raw(torch.zeros(1, 3, 8, 8), ["paint it purple"])
+
+    editor = Editor(EditorConfig(width=32, depth=1, heads=2))
+    memory = EditingMemory.create(editor, enc.raw_dims, ["img_attn.qkv"], rank=2, alpha=2, condition_dim=16,
+                                  generator=GeneratorConfig(d_model=32, depth=1, head_dim=8, token_dim=16, dim_accumulation=2))
+    memory.projector.set_statistics(raw)
+    with torch.no_grad():
+        memory.fm.generator.model.proj_out_B.weight.normal_(std=0.1)
+        a = memory.lora({"raw": enc.raw(torch.zeros(3, 3, 8, 8), texts[1:2] * 2 + ["make it warmer by 20%"])}).flatten()
+    torch.testing.assert_close(a[0], a[1])
+    assert not torch.allclose(a[0], a[2])  # the same edit, another value: another LoRA

@@ -99,3 +99,39 @@ def test_fit_sentence_only_with_the_label_row_and_follows_its_margin():
                                                               for k, v in r["eval"].items()}})
     r["eval"]["held_out_wording"]["functional_memory[label]"] = entry(24.0)
     assert "held-out wording -1.00 dB (below" in fit_sentence(r)
+
+
+def test_oracle_sentence_names_the_edits_that_teach_less_than_two_db():
+    from funcmem.editing.benchmark.findings import oracle_sentence
+
+    r = results()
+    assert oracle_sentence(r) is None  # no per-edit numbers
+    for split in ("seen_wording", "held_out_wording", "held_out_values"):
+        r["eval"][split]["identity"]["per_edit"] = {"brighten": {"psnr": 20.0}, "tint": {"psnr": 15.0}}
+        r["eval"][split]["per_task_lora"]["per_edit"] = {"brighten": {"psnr": 26.0}, "tint": {"psnr": 16.5}}
+    s = oracle_sentence(r)
+    assert "1 of 2 edits teach less than 2 dB" in s and "tint +1.50" in s and "brighten" not in s
+    # told the value, the generator is tint's oracle: the better of the two counts
+    for split in ("seen_wording", "held_out_wording", "held_out_values"):
+        r["eval"][split]["functional_memory[label-value]"] = {**entry(24.0), "per_edit": {"brighten": {"psnr": 25.0},
+                                                                                          "tint": {"psnr": 19.0}}}
+    s = oracle_sentence(r)
+    assert s.startswith("Every edit teaches something") and "smallest: tint, +4.00 dB" in s
+    r["eval"]["held_out_values"]["functional_memory[label-value]"]["per_edit"]["tint"]["psnr"] = 16.0  # worst split decides
+    assert "tint +1.50" in oracle_sentence(r)
+
+
+def test_value_sentence_only_with_the_value_row_and_follows_its_margin():
+    from funcmem.editing.benchmark.findings import value_sentence
+
+    r = results()
+    assert value_sentence(r) is None
+    for split in r["eval"]:
+        r["eval"][split]["functional_memory[label-value]"] = entry(27.0)
+    s = value_sentence(r)
+    assert "above the bank (told the edit) on held-out values (+2.00 dB" in s and "costs 1.00 dB" in s
+    assert "above lora_sum" in s
+    for split in r["eval"]:
+        r["eval"][split]["functional_memory[label-value]"] = entry(25.0)
+    s = value_sentence(r)
+    assert "level with the bank (told the edit) on held-out values" in s and "costs" not in s

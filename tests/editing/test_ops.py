@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from funcmem.editing.ops import (
-    COLOURS, EDITS, FAMILY, INVERSE_PAIRS, LEGACY, PERCENT, RESTORE_RANGE, STRENGTH_WORDS, TEMPERATURE_GAIN, TINT_AMOUNT,
-    UNSHARP_SIGMA, age, fixed_pattern, gaussian_blur, luminance, sigmoid_contrast, unsharp_mask,
+    AGE_RESTORE_RANGE, COLOURS, EDITS, FAMILY, INVERSE_PAIRS, LEGACY, PERCENT, RESTORE_RANGE, STRENGTH_WORDS, TEMPERATURE_GAIN,
+    TINT_AMOUNT, UNSHARP_SIGMA, age, fixed_pattern, gaussian_blur, luminance, sigmoid_contrast, unsharp_mask,
 )
 
 FORWARD = [name for name, e in EDITS.items() if e.has_strength]
@@ -110,6 +110,18 @@ def test_denoise_input_is_the_same_grain_at_an_unknown_strength():
     default = EDITS["add_noise"].values.default / 100
     lo, hi = RESTORE_RANGE
     assert (amount > lo * default - 1e-4).all() and (amount < hi * default + 1e-4).all() and amount.std() > 0.005
+
+
+def test_restore_input_is_age_at_a_strength_inside_its_range():
+    """restore's input is age(clean, s) for one s per sample in AGE_RESTORE_RANGE (units of age's default)."""
+    x = images(8)
+    inp, _ = EDITS["restore"].apply(x, None, rng())
+    grid = torch.linspace(0.4, 1.7, 1301)  # s, step 0.001
+    err = torch.stack([(age(x, float(s)) - inp).abs().flatten(1).amax(1) for s in grid])  # (S, B)
+    best = grid[err.argmin(0)]
+    assert err.min(0).values.max() < 1e-3  # the grid's step
+    lo, hi = AGE_RESTORE_RANGE
+    assert (best > lo - 2e-3).all() and (best < hi + 2e-3).all() and best.std() > 0.05
 
 
 @pytest.mark.parametrize("name", RESTORING)

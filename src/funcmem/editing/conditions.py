@@ -16,6 +16,8 @@ Encoders here:
   its generator).
 - ``EditLabelEncoder``: the edit's one-hot id, read off the instruction's phrasing: the
   generator is told the task and nothing else (what a bank of per-edit LoRAs is told).
+- ``EditValueEncoder``: every edit the instruction names and the value it names, parsed
+  (``funcmem.editing.parse``): an oracle told the whole answer, values included.
 
 To plug in another encoder (say SigLIP2 weights on disk), write a class with a ``raw_dims``
 attribute ``{stream: width}`` and a ``raw(images, instructions)`` method returning those
@@ -38,7 +40,8 @@ from torch import Tensor, nn
 
 from ..io import read_json
 from .editor import Editor
-from .ops import EDITS, Edit
+from .ops import EDITS, Edit, colour_rgb
+from .parse import parse_instruction
 
 
 @runtime_checkable
@@ -392,17 +395,70 @@ class ConditionProjector(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-CONDITIONS = ("encoders", "base-hidden", "label")
+class EditValueEncoder:
+    """Every edit an instruction names with the value it names, parsed: an oracle told the answer.
+
+    One token per clause (``parse.parse_instruction``): the edit's one-hot id, then its strength
+    (the named value over the edit's default; 0 for restoration edits and tint) and a colour (tint's,
+    rgb in [0, 1]; zeros otherwise). It separates what the generator can do with a value from how well
+    the language encoders read it.
+
+    Args:
+        edits: the edits, in ``edit_ids`` order (default: all of ``EDITS``).
+        max_edits: tokens per instruction (unused ones are masked).
+
+    Streams: ``told`` (B, max_edits, K + 4) and ``told_mask`` (B, max_edits) bool.
+
+    Raises:
+        ValueError (from ``raw``): an instruction that is not the family's phrasings and values.
+    """
+
+    def __init__(self, edits: list[str | Edit] | None = None, max_edits: int = 2):
+        self.names = [e if isinstance(e, str) else e.name for e in (list(EDITS) if edits is None else edits)]
+        self.max_edits = max_edits
+        self.raw_dims = {"told": len(self.names) + 4}
+
+    def tokens(self, instruction: str) -> Tensor:
+        """(n_edits, K + 4): one row per clause."""
+        names, values = parse_instruction(instruction, self.max_edits)
+        rows = torch.zeros(len(names), len(self.names) + 4)
+        for i, (name, value) in enumerate(zip(names, values)):
+            if name not in self.names:
+                raise ValueError(f"{name!r} is not one of this condition's edits {self.names}")
+            rows[i, self.names.index(name)] = 1.0
+            spec = EDITS[name].values
+            if spec is not None and spec.unit == "colour":
+                rows[i, -3:] = torch.tensor(colour_rgb(value))
+            elif spec is not None:
+                rows[i, -4] = value / spec.default
+        return rows
+
+    @torch.no_grad()
+    def raw(self, images: Tensor, instructions: list[str]) -> dict[str, Tensor]:
+        if len(instructions) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(instructions)} instructions")
+        told = torch.zeros(len(instructions), self.max_edits, len(self.names) + 4)
+        mask = torch.zeros(len(instructions), self.max_edits, dtype=torch.bool)
+        for b, text in enumerate(instructions):
+            rows = self.tokens(text)
+            told[b, :len(rows)], mask[b, :len(rows)] = rows, True
+        return {"told": told.to(images.device), "told_mask": mask.to(images.device)}
+
+
+CONDITIONS = ("encoders", "base-hidden", "label", "label-value")
 
 
 def make_encoder(name: str, editor: Editor, text_encoder: TextEncoder) -> ConditionEncoder:
     """The condition encoder a run names: ``"encoders"`` (MiniLM + EfficientNet-Lite0 streams),
-    ``"base-hidden"`` (the frozen editor's own last-block states) or ``"label"`` (the edit's
-    one-hot id: what a bank of per-edit LoRAs is told, no language)."""
+    ``"base-hidden"`` (the frozen editor's own last-block states), ``"label"`` (the edit's
+    one-hot id: what a bank of per-edit LoRAs is told, no language) or ``"label-value"`` (every
+    edit named and its value, parsed: an oracle told the answer)."""
     if name == "encoders":
         return MiniLMEfficientNet(text_encoder)
     if name == "base-hidden":
         return BaseHiddenEncoder(editor, text_encoder)
     if name == "label":
         return EditLabelEncoder()
+    if name == "label-value":
+        return EditValueEncoder()
     raise ValueError(f"unknown condition {name!r}; conditions: {', '.join(CONDITIONS)}")

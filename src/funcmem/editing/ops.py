@@ -14,7 +14,7 @@ strength per sample, so the right correction is read from the image.
 | add_noise     | x + v/100 * a FIXED grain pattern (all channels), clamped  | v % (grain std)  | 8 %     |
 | denoise       | input = clean + that grain at a random strength; target = clean | -           | -       |
 | age           | sepia, fade, vignette, FIXED grain and scratches, s = v/50 | v %              | 50 %    |
-| restore       | input = aged at a random strength; target = clean          | -                | -       |
+| restore       | input = aged at 0.7-1.3x the default; target = clean       | -                | -       |
 | brighten      | gamma x ** (1 / (1 + v/100))                               | v %              | 50 %    |
 | darken        | gamma x ** (1 + v/100)                                     | v %              | 50 %    |
 | contrast_up   | tone curve logit(y) = a logit(x), a = 1 + v/100            | v %              | 50 %    |
@@ -35,6 +35,10 @@ Why each target is learnable from (input, instruction):
   reads off the image (the pattern is known): the target is a function of the input.
 - age adds sepia, fading, a vignette and fixed grain and scratches; restore undoes a random
   amount of it (sepia and fading are invertible maps, grain and scratches sit at fixed places).
+  Its damage spans 0.7-1.3x age's default (``AGE_RESTORE_RANGE``), narrower than denoise's
+  0.5-1.6x: at 1.6x, sepia is mixed in at 96 % and the colours are nearly gone, and with that range
+  the benchmark's bank gained 2.0 / 1.9 dB over returning the input (seen / held-out wording,
+  quick config, one seed); with 0.7-1.3x, 3.3 / 2.6 dB.
 
 Pairs are exact inverses where nothing clips (saturate/desaturate, brighten/darken,
 warmer/cooler, contrast) or undo each other's damage (add_noise/denoise, age/restore), so one
@@ -70,7 +74,8 @@ STRENGTH_WORDS = {  # word -> factor of the edit's default value; the first two 
     "a little": 0.5, "a bit": 0.5, "subtly": 0.5,
     "a lot": 1.6, "heavily": 1.6,
 }
-RESTORE_RANGE = (0.5, 1.6)  # damage of restoration inputs, in units of the forward edit's default, uniform per sample
+RESTORE_RANGE = (0.5, 1.6)  # denoise's damage, in units of add_noise's default, uniform per sample
+AGE_RESTORE_RANGE = (0.7, 1.3)  # restore's damage, in units of age's default (why narrower: the module doc)
 
 UNSHARP_SIGMA = 1.0  # sharpen's blur, px
 TEMPERATURE_GAIN = 0.3  # warmer by v%: k = 1 + TEMPERATURE_GAIN * v / 100
@@ -337,13 +342,13 @@ def _forward(fn: Callable[[Tensor, Tensor], Tensor]):
     return apply
 
 
-def _inverse(degrade: Callable[[Tensor, Tensor], Tensor], default: float):
-    """A restoration edit: input is degrade(clean, default * U(RESTORE_RANGE) per sample), target is clean."""
+def _inverse(degrade: Callable[[Tensor, Tensor], Tensor], default: float, spread: tuple[float, float] = RESTORE_RANGE):
+    """A restoration edit: input is degrade(clean, default * U(spread) per sample), target is clean."""
     def apply(clean: Tensor, value, rng: torch.Generator | None) -> tuple[Tensor, Tensor]:
         if rng is None:
             raise ValueError("restoration edits draw a random degradation per sample: pass rng (a torch.Generator)")
         xb, squeeze = _as_batch(clean)
-        lo, hi = RESTORE_RANGE
+        lo, hi = spread
         s = default * (lo + (hi - lo) * torch.rand(xb.shape[0], generator=rng, device=rng.device)).to(xb)  # (B,)
         degraded = degrade(xb, s)
         return (degraded[0], clean) if squeeze else (degraded, clean)
@@ -453,7 +458,7 @@ EDITS: dict[str, Edit] = {e.name: e for e in [
     Edit("add_noise", "denoise", NOISE_VALUES, _forward(lambda x, v: add_pattern(x, v / 100))),
     Edit("denoise", "add_noise", None, _inverse(lambda x, v: add_pattern(x, v / 100), NOISE_VALUES.default)),
     Edit("age", "restore", PERCENT, _forward(lambda x, v: age(x, v / 50))),
-    Edit("restore", "age", None, _inverse(lambda x, v: age(x, v / 50), PERCENT.default)),
+    Edit("restore", "age", None, _inverse(lambda x, v: age(x, v / 50), PERCENT.default, AGE_RESTORE_RANGE)),
     Edit("brighten", "darken", PERCENT, _forward(_gamma_up)),
     Edit("darken", "brighten", PERCENT, _forward(_gamma_down)),
     Edit("contrast_up", "contrast_down", PERCENT, _forward(lambda x, v: sigmoid_contrast(x, 1 + v / 100))),

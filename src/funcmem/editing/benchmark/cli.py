@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--condition", default=None, type=condition_list, metavar="NAME[,NAME...]",
                         help="the generator's conditions, the first the main one (rows functional_memory and "
                         f"functional_memory[NAME]); names: {', '.join(CONDITIONS)} (default: encoders; the full "
-                        "run: encoders,label)")
+                        "run: encoders,label,label-value)")
     parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="processes training seeds side by side, one thread each (default: the free cores, "
                              "at most one per seed; printed at start)")

@@ -34,11 +34,12 @@ class BenchmarkConfig:
     generator: dict = field(default_factory=lambda: GeneratorConfig(d_model=96, depth=2, head_dim=16, token_dim=64,
                                                                      dim_accumulation=4, basis=len(FAMILY)).to_dict())
     targets: list = field(default_factory=lambda: ["img_attn.qkv", "img_attn.proj", "img_mlp.fc1", "img_mlp.fc2"])
-    # the full run's rows: the condition from the instruction and photo, and the same generator told the
-    # edit (fit vs understanding); --condition encoders,base-hidden,label adds the editor's own tokens
-    conditions: list = field(default_factory=lambda: ["encoders", "label"])
+    # the full run's rows: the condition from the instruction and photo, the same generator told the edit
+    # (fit vs understanding) and told the edit and its value (an oracle for values no bank can list);
+    # --condition encoders,base-hidden adds the editor's own tokens
+    conditions: list = field(default_factory=lambda: ["encoders", "label", "label-value"])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
-    warm_start: list = field(default_factory=lambda: ["encoders", "base-hidden", "label"])  # start from the bank
+    warm_start: list = field(default_factory=lambda: ["encoders", "base-hidden", "label", "label-value"])  # start from the bank
     warm_start_steps: int = 500
     warm_start_lr: float = 1e-2
     scaling_depths: list = field(default_factory=lambda: [1, 2, 4])

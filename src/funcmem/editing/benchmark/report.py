@@ -19,6 +19,7 @@ READS = {"identity": "nothing", "base": "the instruction (MiniLM token states)",
          "retrieval_lora": "the condition (nearest key of the bank)", "lora_sum": "both edits' labels",
          "functional_memory": "the condition (instruction + image), no label",
          "functional_memory[label]": "the first edit's label (read off its phrasing), no value",
+         "functional_memory[label-value]": "every edit's label and value, parsed (an oracle told the answer)",
          "functional_memory[base-hidden]": "the frozen editor's own last-layer tokens"}
 
 
