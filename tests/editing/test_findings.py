@@ -111,6 +111,7 @@ def test_oracle_sentence_names_the_edits_that_teach_less_than_two_db():
         r["eval"][split]["per_task_lora"]["per_edit"] = {"brighten": {"psnr": 26.0}, "tint": {"psnr": 16.5}}
     s = oracle_sentence(r)
     assert "1 of 2 edits teach less than 2 dB" in s and "tint +1.50" in s and "brighten" not in s
+    assert "no generator told the value" in s
     # told the value, the generator is tint's oracle: the better of the two counts
     for split in ("seen_wording", "held_out_wording", "held_out_values"):
         r["eval"][split]["functional_memory[label-value]"] = {**entry(24.0), "per_edit": {"brighten": {"psnr": 25.0},
@@ -122,7 +123,7 @@ def test_oracle_sentence_names_the_edits_that_teach_less_than_two_db():
     s = oracle_sentence(r)
     assert s.startswith("Every edit teaches something") and "(1 of 2 edits under 2: tint)" in s
     r["eval"]["held_out_wording"]["functional_memory[label-value]"]["per_edit"]["tint"]["psnr"] = 16.0  # worst split decides
-    assert "tint +1.50" in oracle_sentence(r)
+    assert "tint +1.50" in oracle_sentence(r) and "no generator told the value" not in oracle_sentence(r)
 
 
 def test_value_sentence_only_with_the_value_row_and_follows_its_margin():

@@ -187,11 +187,15 @@ def oracle_sentence(results: dict) -> str | None:
         return None
     short = {e: g for e, g in gains.items() if g < TEACHES}
     low = min(gains, key=gains.get)
-    text = (f"Every edit teaches something: its oracle (the bank, or the generator told the value) gains at least "
+    told_value = any(entry(results, s, VALUE_ROW) is not None for s in TRAINING_VALUE_SPLITS)
+    oracle = "the bank, or the generator told the value" if told_value else "the bank told the edit"
+    text = (f"Every edit teaches something: its oracle ({oracle}) gains at least "
             f"{TEACHES:g} dB over identity on seen and held-out wording (smallest: {low}, {gains[low]:+.2f} dB)."
             if not short else
-            f"**{len(short)} of {len(gains)} edits teach less than {TEACHES:g} dB** (the oracle's smallest gain over "
-            "identity on seen and held-out wording): " + ", ".join(f"{e} {g:+.2f}" for e, g in sorted(short.items())) + ".")
+            f"**{len(short)} of {len(gains)} edits teach less than {TEACHES:g} dB** (the smallest gain over identity of "
+            f"{oracle}, on seen and held-out wording): " + ", ".join(f"{e} {g:+.2f}" for e, g in sorted(short.items()))
+            + ("." if told_value else "; this run has no generator told the value (`--condition encoders,label-value` "
+                                       "adds it), the oracle of a value no bank is told."))
     held = _oracle_gains(results, ("held_out_values",))
     if held:
         below = sorted(e for e, g in held.items() if g < TEACHES)
