@@ -61,8 +61,9 @@ class BenchmarkConfig:
     @classmethod
     def quick(cls, **overrides) -> "BenchmarkConfig":
         """The quick run: two seeds (margins against their spread), smaller test splits; no scaling sweep,
-        no matched shared LoRA and no label-told generator (the full run has all three; ``--condition
-        encoders,label`` adds the last: about 5 minutes more). The warm start keeps the full run's 500
+        no matched shared LoRA and no told generators (the full run has them all; ``--condition
+        encoders,label,label-value`` adds the generator told the edit and the one told edit and value, the
+        oracle of values no bank is told: a few minutes each). The warm start keeps the full run's 500
         steps although it is two thirds of the generator's time: fewer cost seen wording (2 seeds: 250
         steps 24.98 dB, 500 steps 25.57-25.74), and the second seed trains beside the first when a core
         is free (``run.train_methods``)."""
