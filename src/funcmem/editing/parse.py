@@ -33,14 +33,13 @@ def _clause_patterns() -> tuple[tuple[re.Pattern, Edit], ...]:
         for phrasing in (*edit.train_phrasings, *edit.test_phrasings):
             if edit.values is not None and edit.values.unit == "colour":
                 before, after = (re.escape(part) for part in phrasing.split("{colour}", 1))
-                value = _COLOUR
-                rows.append((len(phrasing), before + value + after, edit))
-                continue
-            value = ""
-            if edit.values is not None:
+                pattern = before + _COLOUR + after
+            elif edit.values is not None:  # then a number in the edit's suffix, a strength word, or nothing
                 number = re.escape(edit.values.suffix).replace(re.escape("{v}"), _NUMBER)
-                value = "(?:" + number + "| (" + "|".join(WORDS) + "))?"
-            rows.append((len(phrasing), re.escape(phrasing) + value, edit))
+                pattern = re.escape(phrasing) + "(?:" + number + "| (" + "|".join(WORDS) + "))?"
+            else:  # a restoration edit names no value
+                pattern = re.escape(phrasing)
+            rows.append((len(phrasing), pattern, edit))
     rows.sort(key=lambda row: -row[0])
     return tuple((re.compile(pattern + r"(?= and |$)"), edit) for _, pattern, edit in rows)
 
