@@ -202,6 +202,7 @@ def test_seeds_in_forked_processes_give_the_numbers_of_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert one.evals == side_by_side.evals and one.train == side_by_side.train
+    assert (one.processes, side_by_side.processes) == (1, 2)  # what the report says ran
     assert len(one.evals["seen_wording"]["functional_memory"]) == len(cfg.seeds) == 2
     a, b = (e["psnr"] for e in one.evals["seen_wording"]["functional_memory"])
     assert a != b  # the two seeds really differ, so the comparison above sees the order

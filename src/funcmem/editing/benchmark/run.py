@@ -173,6 +173,7 @@ class Trained:
     train: dict[str, list[dict]] = field(default_factory=dict)  # on training examples, as many as a test split
     first: dict[str, nn.Module] = field(default_factory=dict)
     conflict: dict | None = None
+    processes: int = 1  # processes that trained the seeds (this one and its forked children)
 
 
 def train_seed(ctx: Context, seed: int, out: Trained, timer: Timer, track: bool = False) -> dict[str, nn.Module]:
@@ -234,7 +235,8 @@ def train_methods(ctx: Context, timer: Timer, workers: int = 1) -> Trained:
     pool, futures = None, []
     if workers > 1 and rest and cfg.device == "cpu":  # a forked process cannot use the parent's CUDA context
         _FORKED = ctx
-        pool = ProcessPoolExecutor(min(workers - 1, len(rest)), mp_context=multiprocessing.get_context("fork"))
+        out.processes = 1 + min(workers - 1, len(rest))
+        pool = ProcessPoolExecutor(out.processes - 1, mp_context=multiprocessing.get_context("fork"))
         futures = [pool.submit(_seed_in_child, seed) for seed in rest]
     try:
         out.first = train_seed(ctx, first, out, timer, track=True)
@@ -316,7 +318,7 @@ def run(cfg: BenchmarkConfig, out: str | Path, progress: bool = True, workers: i
                                                                             "shared_lora_matched", "per_task_lora")
                                                        if k in first})
         io.write_json(out / "manifest.json", {"train": manifest(ctx.photos["train"]), "test": manifest(ctx.photos["test"])})
-    results["seed_processes"] = min(workers, len(cfg.seeds))
+    results["seed_processes"] = trained.processes
     results["timing"] = {**timer.seconds, "edit_latency_ms": analysis.edit_latency(memory, ctx.train, ctx.condition)}
     samples = analysis.sample_rows(ctx.evals, ctx.condition, {"base": Base(ctx.editor), **first})
     io.write_json(out / "results.json", results)
