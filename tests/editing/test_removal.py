@@ -137,3 +137,12 @@ def test_replay_and_removal_act_on_the_updates_the_memory_makes_with_padding_mas
         after, others = memory.generate(c[:4]), memory.generate(c[4:])
     assert distill.product_sq_distance(after).mean() < 0.05 * before
     assert distill.product_sq_distance(others, masked[4:]).mean() < 0.2 * distill.product_sq_distance(masked[4:]).mean()
+
+
+def test_gate_settings_fill_a_partial_setting_from_the_defaults_and_stay_empty_when_off():
+    from funcmem.editing.continual.config import FORGET_GATE
+    from funcmem.editing.continual.removal import gate_settings
+
+    assert gate_settings(ContinualConfig()) == FORGET_GATE
+    assert gate_settings(ContinualConfig(forget_gate={"temperature": 0.1})) == {**FORGET_GATE, "temperature": 0.1}
+    assert gate_settings(ContinualConfig(forget_gate={})) == {}

@@ -140,11 +140,17 @@ def neighbourhood(memory, data: EditSet, cfg: ContinualConfig) -> distill.Neighb
     return distill.Neighbourhood(positions, **cfg.forget_near)
 
 
+def gate_settings(cfg: ContinualConfig) -> dict:
+    """The behaviour gate's settings the removal uses: ``cfg.forget_gate`` over the defaults (a partial
+    setting keeps ``FORGET_GATE`` for the rest); empty when the gate is off."""
+    return {**FORGET_GATE, **cfg.forget_gate} if cfg.forget_gate else {}
+
+
 def behaviour_gate(memory, store, ids: list[int], text_encoder, cfg: ContinualConfig):
-    """The run's ``forget_gate`` (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
-    if not cfg.forget_gate:
+    """The run's behaviour gate (``behaviour.BehaviourGate`` on the stored updates), or None when off."""
+    g = gate_settings(cfg)
+    if not g:
         return None
-    g = {**FORGET_GATE, **cfg.forget_gate}  # a partial setting keeps the defaults for the rest
     editor = memory.fm.base  # the editor the generator's updates mount on
     states, mask = text_encoder.encode([g["text"]], editor.config.max_text_tokens)
     device = next(editor.parameters()).device
@@ -185,5 +191,5 @@ def forget_experiment(learner, editor, sets: dict[str, EditSet], edits: list[str
             "relearn_kept_psnr": mean(v for e, v in relearnt.items() if e not in edits),
             "base_psnr_removed": mean(psnr_per_edit(base_out["test"], sets["test"].targets,
                                                     sets["test"].edit_ids)[e] for e in edits),
-            "neighbourhood": dict(cfg.forget_near), "gate": dict(cfg.forget_gate), "store_conditions_used": len(store),
+            "neighbourhood": dict(cfg.forget_near), "gate": gate_settings(cfg), "store_conditions_used": len(store),
             "steps": cfg.forget_steps, "seconds": round(seconds, 1), "final_losses": history[-1] if history else {}}
